@@ -1,0 +1,26 @@
+"""Quantized matmul kernels. They know nothing of models or files: tensors in the qrun/quant.py layout in,
+activations out.
+
+    quant_linear(x, qweight, scales, zeros, bias, encoding=..., block_size=..., in_features=...)
+        x (..., K) bf16/fp16/fp32 -> (..., N), y = x @ dequant(W)^T + bias
+    quant_linear_silu_mul(x, qweight, scales, zeros, encoding=..., block_size=..., in_features=...)
+        weight rows [0, N/2) = gate, [N/2, N) = up -> (..., N/2) silu(gate) * up
+
+Scales are float16 or float32 (N, Kp/B); double-quantized scales are expanded by the loader first.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import quant_linear_ref, quant_linear_silu_mul_ref
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int) -> torch.Tensor:
+    return quant_linear_ref(x, qweight, scales, zeros, bias, encoding, block_size, in_features)
+
+
+def quant_linear_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                          zeros: torch.Tensor | None, *, encoding: str, block_size: int,
+                          in_features: int) -> torch.Tensor:
+    return quant_linear_silu_mul_ref(x, qweight, scales, zeros, encoding, block_size, in_features)
