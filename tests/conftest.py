@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    from tiny import make_tiny_hf_dir
+    return make_tiny_hf_dir(str(tmp_path_factory.mktemp("tiny_qwen2")), "qwen2")
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `qrun ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    from qrun.cli.main import main
+
+    def run(*args):
+        rc = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+    return run
