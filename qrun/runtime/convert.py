@@ -270,12 +270,16 @@ def convert(src, out_path: str, opts: ConvertOptions | None = None, progress: bo
     try:
         with Writer(out_path, level=opts.level, threads=opts.threads) as w:
             for name in names:
-                t = src.get(name)
+                enc = tensor_encoding(name, tuple(src.shape(name)), src.dtype(name), opts)
+                pre = (quantized or {}).get(name)
+                if enc is not None and getattr(src, "random", False) and not opts.double_quant:
+                    pre = src.quantized_random(name, enc, opts.block_size)  # random codes, no float pass
+                    t = torch.empty(src.shape(name), dtype=src.dtype(name), device="meta")
+                else:
+                    t = src.get(name)
                 if t.dtype not in LOSSLESS_ENCODING:
                     raise QRunError(f"tensor {name} has unsupported dtype {t.dtype}")
                 nbytes = t.numel() * t.element_size()
-                enc = tensor_encoding(name, tuple(t.shape), t.dtype, opts)
-                pre = (quantized or {}).get(name)
                 if pre is not None or enc is not None:
                     qt = pre or quantize_weight(name, t, enc, opts)
                     meta = {"block_size": qt.block_size}
