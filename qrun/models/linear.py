@@ -1,0 +1,137 @@
+"""The layers that hold weights: dense or block-quantized, behind the same call.
+
+The model (qrun/models/llama.py) is built with dense `Linear`/`Embedding` placeholders on the meta device;
+the loader (qrun/runtime/loader.py) swaps in filled modules of these classes, chosen by each tensor's
+encoding in the file. Nothing here knows the file format; the quantized layouts are those of qrun/quant.py
+and the matmuls are qrun.kernels calls, so a faster kernel plugs in without touching this file.
+All weights are buffers: qrun only runs inference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qrun import kernels
+from qrun.quant import dequantize_parts
+
+
+class Linear(nn.Module):
+    """y = x @ W^T + b with a dense weight W (N, K) in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 weight: torch.Tensor | None = None, bias_tensor: torch.Tensor | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if weight is None:
+            weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        if bias and bias_tensor is None:
+            bias_tensor = torch.empty(out_features, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias_tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W)^T + b, W stored packed: qweight (N, Kp) int8 or (N, Kp/2) uint8, scales (N, Kp/B)
+    fp16/fp32, zeros (N, Kp/B) uint8 for int4_asym, bias (N,) in the compute dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int):
+        super().__init__()
+        self.encoding, self.block_size = encoding, block_size
+        self.in_features, self.out_features = in_features, scales.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, encoding=self.encoding,
+                                    block_size=self.block_size, in_features=self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.encoding}, block {self.block_size}"
+
+
+class Concat(nn.Module):
+    """Several linears on the same input, outputs concatenated: q/k/v when the file stores them with
+    different encodings and they cannot be fused into one weight."""
+
+    def __init__(self, *parts: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class FusedSiluMul(nn.Module):
+    """silu(x Wg^T) * (x Wu^T) from ONE weight whose rows [0, I) are the gate and [I, 2I) the up projection.
+    A QuantLinear goes through the fused kernel (one GEMV, SiLU*mul epilogue)."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.proj
+        if isinstance(p, QuantLinear):
+            return kernels.quant_linear_silu_mul(x, p.qweight, p.scales, p.zeros, encoding=p.encoding,
+                                                 block_size=p.block_size, in_features=p.in_features)
+        g, u = p(x).chunk(2, dim=-1)
+        return F.silu(g) * u
+
+
+class SiluMul(nn.Module):
+    """silu(gate(x)) * up(x) with two separate linears (gate and up stored with different encodings)."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module):
+        super().__init__()
+        self.gate, self.up = gate, up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.gate(x)) * self.up(x)
+
+
+class Embedding(nn.Module):
+    """Token ids (B, T) -> rows of a dense table weight (V, D)."""
+
+    def __init__(self, num_embeddings: int, dim: int, weight: torch.Tensor | None = None, device=None,
+                 dtype=None):
+        super().__init__()
+        if weight is None:
+            weight = torch.empty(num_embeddings, dim, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class QuantEmbedding(nn.Module):
+    """Token ids (B, T) -> (B, T, D): gather the packed rows and their scales, then dequantize only those rows.
+    The table has the QuantLinear layout, so a tied lm_head can share these buffers (see `as_linear`)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *,
+                 encoding: str, block_size: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.encoding, self.block_size, self.dim, self.dtype = encoding, block_size, dim, dtype
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)  # (B*T,)
+        parts = {"qweight": self.qweight[flat], "scales": self.scales[flat]}
+        if self.zeros is not None:
+            parts["zeros"] = self.zeros[flat]
+        rows = dequantize_parts(self.encoding, parts, (flat.numel(), self.dim), self.block_size, self.dtype)
+        return rows.reshape(*ids.shape, self.dim)
+
+    def as_linear(self) -> QuantLinear:
+        return QuantLinear(self.qweight, self.scales, self.zeros, None, encoding=self.encoding,
+                           block_size=self.block_size, in_features=self.dim)
