@@ -161,9 +161,9 @@ class LLM:
         """Yields text pieces as they form. Sampling keywords: see SamplingParams."""
         params = SamplingParams(**sampling).validate()
         ids = self.encode(prompt, messages=messages, chat=chat)
-        return self._stream_ids(ids, params)
+        return self.stream_ids(ids, params)
 
-    def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         dec = StreamDecoder(self.tokenizer, ids)
 
         def pieces():
