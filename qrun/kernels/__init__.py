@@ -7,6 +7,9 @@ activations out.
         weight rows [0, N/2) = gate, [N/2, N) = up -> (..., N/2) silu(gate) * up
 
 Scales are float16 or float32 (N, Kp/B); double-quantized scales are expanded by the loader first.
+On CUDA tensors these call the Triton kernels through the custom ops qrun::quant_linear and
+qrun::quant_linear_silu_mul (see ops.py: GEMV for M = 1, tl.dot GEMM for M >= 2); elsewhere the
+plain-torch reference (reference.py).
 """
 from __future__ import annotations
 
@@ -14,13 +17,23 @@ import torch
 
 from .reference import quant_linear_ref, quant_linear_silu_mul_ref
 
+try:  # triton is a Linux-only dependency; without it only the reference path exists
+    from . import ops as _ops
+except ImportError:  # pragma: no cover
+    _ops = None
+
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int) -> torch.Tensor:
+    if x.is_cuda and _ops is not None:
+        return torch.ops.qrun.quant_linear(x, qweight, scales, zeros, bias, encoding, block_size, in_features)
     return quant_linear_ref(x, qweight, scales, zeros, bias, encoding, block_size, in_features)
 
 
 def quant_linear_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                           zeros: torch.Tensor | None, *, encoding: str, block_size: int,
                           in_features: int) -> torch.Tensor:
+    if x.is_cuda and _ops is not None:
+        return torch.ops.qrun.quant_linear_silu_mul(x, qweight, scales, zeros, encoding, block_size,
+                                                    in_features)
     return quant_linear_silu_mul_ref(x, qweight, scales, zeros, encoding, block_size, in_features)

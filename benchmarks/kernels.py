@@ -1,0 +1,240 @@
+"""Benchmark of the fused dequant-matmul kernels against cuBLAS bf16 and torch's int4 kernel (GPU only).
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernels.py [--json PATH] [--m 1,16,1024] [--quick]
+
+1. correctness check of every shape at M = 1 and M = 64 (int4_sym, B = 128) against a float64 reference;
+2. ceilings measured in the same run: device-to-device copy bandwidth (bytes read + written) and the time
+   of an empty kernel launch, eager and inside a CUDA graph;
+3. for each shape K -> N and M: median time per call of ours (int4_sym, B = 128, bf16; gate+up shapes use
+   the fused silu-mul kernel), cuBLAS bf16 F.linear and torch._weight_int4pack_mm (g128). Each is timed
+   as a CUDA graph of one call per input copy, rotating through enough copies of weights and x that L2
+   (50 MB on an H100) cannot serve them, replayed many times; the median replay / copies is the time.
+Prints one table last and writes JSON ($OUT/kernels.json by default when $OUT is set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
+from qrun.kernels.reference import parts_of  # noqa: E402
+from qrun.quant import dequantize_parts, quantize  # noqa: E402
+
+SHAPES = [  # (model, K, N, gate+up?)
+    ("0.5B qkv", 896, 1152, False), ("0.5B o", 896, 896, False), ("0.5B gate+up", 896, 9728, True),
+    ("0.5B down", 4864, 896, False), ("0.5B lm_head", 896, 151936, False),
+    ("7B qkv", 3584, 4608, False), ("7B o", 3584, 3584, False), ("7B gate+up", 3584, 37888, True),
+    ("7B down", 18944, 3584, False), ("7B lm_head", 3584, 152064, False),
+]
+MS = [1, 2, 4, 8, 16, 64, 256, 1024]
+ENC, BLOCK = "int4_sym", 128
+ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2
+
+
+@triton.jit
+def _empty_kernel(p):
+    pass
+
+
+def ms_graph(fns, replays=20):
+    """Median over replays of (graph replay time) / len(fns), one graph running every fn once, in ms."""
+    for f in fns[:2]:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    del g
+    return statistics.median(times)
+
+
+def ms_eager(fn, n=200):
+    """Median over 5 rounds of (n back-to-back eager calls) / n, in ms: includes the Python launch cost."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / n)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    """Bytes read + written per second of a 2 GiB device-to-device copy (median of 20)."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = ms_graph([lambda: dst.copy_(src)], replays=20)
+    del src, dst
+    return 2 * (2 << 30) / (t * 1e-3)
+
+
+def copies_for(nbytes):
+    return max(2, min(256, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def make_ours(k, n, silu, m, nc):
+    """nc independent (x, qweight, scales) sets and the call on each."""
+    sets = []
+    for i in range(nc):
+        if i == 0:
+            qt = quantize(torch.randn(n, k, device="cuda"), ENC, BLOCK)
+            qw, sc = qt.parts["qweight"], qt.parts["scales"]
+        else:  # fresh random bytes are as good as a real quantization for timing, and far quicker
+            qw = torch.randint(0, 256, qw0.shape, dtype=torch.uint8, device="cuda")
+            sc = (torch.rand(sc0.shape, device="cuda") * 0.02 + 1e-3).half()
+        if i == 0:
+            qw0, sc0 = qw, sc
+        sets.append((torch.randn(m, k, device="cuda", dtype=torch.bfloat16), qw, sc))
+    op = quant_linear_silu_mul if silu else (lambda x, q, s, z, **kw: quant_linear(x, q, s, z, None, **kw))
+    fns = [(lambda x=x, q=q, s=s: op(x, q, s, None, encoding=ENC, block_size=BLOCK, in_features=k))
+           for x, q, s in sets]
+    nbytes = qw0.numel() + sc0.numel() * 2 + m * k * 2 + m * (n // 2 if silu else n) * 2
+    return fns, nbytes
+
+
+def check(k, n, silu):
+    """Max relative error over M in (1, 64) against the float64 reference; raises on NaN or > 1e-2."""
+    worst = 0.0
+    qt = quantize(torch.randn(n, k, device="cuda"), ENC, BLOCK)
+    p = (qt.parts["qweight"], qt.parts["scales"], None)
+    w = dequantize_parts(ENC, parts_of(*p), (n, k), BLOCK, dtype=torch.bfloat16).double()
+    for m in (1, 64):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        torch.full((m, n // 2 if silu else n), float("nan"), device="cuda", dtype=torch.bfloat16)  # poison
+        ref = x.double() @ w.T
+        if silu:
+            g, u = ref.chunk(2, dim=-1)
+            ref = F.silu(g) * u
+            y = quant_linear_silu_mul(x, *p, encoding=ENC, block_size=BLOCK, in_features=k)
+        else:
+            y = quant_linear(x, *p, None, encoding=ENC, block_size=BLOCK, in_features=k)
+        if not torch.isfinite(y).all():
+            raise SystemExit(f"FAIL: NaN/Inf in output K={k} N={n} M={m}")
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        if err > 1e-2:
+            raise SystemExit(f"FAIL: rel err {err:.2e} K={k} N={n} M={m}")
+        worst = max(worst, err)
+    return worst
+
+
+def bench_shape(name, k, n, silu, ms, rows, copy_bw):
+    w_bf16_bytes = n * k * 2
+    nc_b = copies_for(w_bf16_bytes)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(nc_b)]
+    # torch's int4 (tinygemm) layout: uint8 (N, K/2) -> packed; scales+zeros (K/128, N, 2) bf16
+    nc_i = copies_for(n * k // 2)
+    i4 = []
+    for _ in range(nc_i):
+        raw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        i4.append((torch._convert_weight_to_int4pack(raw, 8),
+                   (torch.rand(k // 128, n, 2, device="cuda") * 0.01).to(torch.bfloat16)))
+    for m in ms:
+        fns, nbytes = make_ours(k, n, silu, m, copies_for(n * k // 2))
+        t_ours = ms_graph(fns)
+        t_eager = ms_eager(fns[0]) if m == 1 else None
+        del fns
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(nc_b, nc_i))]
+        t_cublas = ms_graph([lambda x=xs[i], w=w: F.linear(x, w) for i, w in enumerate(ws)])
+        try:
+            t_i4 = ms_graph([lambda x=xs[i], w=w, sz=sz: torch._weight_int4pack_mm(x, w, 128, sz)
+                             for i, (w, sz) in enumerate(i4)])
+        except RuntimeError as e:  # noqa: PERF203
+            print(f"  int4pack failed at {name} M={m}: {e}".splitlines()[0])
+            t_i4 = None
+        gbs = nbytes / (t_ours * 1e-3) / 1e9
+        rows.append(dict(shape=name, K=k, N=n, M=m, ours_us=t_ours * 1e3, ours_eager_us=None if t_eager is None
+                         else t_eager * 1e3, bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / copy_bw,
+                         cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
+                         int4pack_us=None if t_i4 is None else t_i4 * 1e3,
+                         x_int4pack=None if t_i4 is None else t_i4 / t_ours,
+                         TFLOPs=2 * m * n * k / (t_ours * 1e-3) / 1e12))
+        r = rows[-1]
+        print(f"  {name:14s} M={m:5d} ours {r['ours_us']:8.2f} us  {gbs:7.0f} GB/s  {r['pct_copy']:5.1f}%  "
+              f"cuBLAS {r['cublas_us']:8.2f} us (x{r['x_cublas']:.2f})  int4pack "
+              f"{'-' if t_i4 is None else f'{t_i4 * 1e3:8.2f}'} us", flush=True)
+        del xs
+    del ws, i4
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--m", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
+    args = ap.parse_args()
+    ms = [int(v) for v in args.m.split(",")]
+    shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes.split(","))]
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                triton=triton.__version__, encoding=ENC, block_size=BLOCK)
+    print(meta, flush=True)
+
+    print("correctness (M = 1, 64; float64 reference):", flush=True)
+    for name, k, n, silu in shapes:
+        print(f"  {name:14s} max rel err {check(k, n, silu):.2e}", flush=True)
+
+    copy_bw = copy_bandwidth()
+    dummy = torch.empty(1, device="cuda")
+    empty_graph = ms_graph([lambda: _empty_kernel[(1,)](dummy)] * 200) * 1e3
+    empty_eager = ms_eager(lambda: _empty_kernel[(1,)](dummy)) * 1e3
+    meta.update(copy_GBps=copy_bw / 1e9, empty_launch_graph_us=empty_graph, empty_launch_eager_us=empty_eager)
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write); empty launch: graph {empty_graph:.2f} us, "
+          f"eager {empty_eager:.2f} us", flush=True)
+
+    rows = []
+    for name, k, n, silu in shapes:
+        bench_shape(name, k, n, silu, ms, rows, copy_bw)
+
+    out = args.json or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    print(f"\n{meta['device']}, copy {copy_bw / 1e9:.0f} GB/s, empty launch {empty_graph:.2f} us (graph) / "
+          f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16, times per call inside a CUDA graph")
+    print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
+          f"{'cuBLAS':>8s} {'x':>5s} {'int4pk':>8s} {'x':>5s} {'TFLOP/s':>7s}")
+    for r in rows:
+        i4 = "-" if r["int4pack_us"] is None else f"{r['int4pack_us']:8.2f}"
+        xi4 = "-" if r["x_int4pack"] is None else f"{r['x_int4pack']:5.2f}"
+        eg = "" if r["ours_eager_us"] is None else f"{r['ours_eager_us']:7.2f}"
+        print(f"{r['shape']:14s} {str(r['K']) + '->' + str(r['N']):>12s} {r['M']:5d} {r['ours_us']:8.2f} "
+              f"{eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
+              f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Launchers for the Triton kernels and their torch.library custom ops (qrun::quant_linear,
+qrun::quant_linear_silu_mul), so torch.compile treats them as opaque calls and CUDA graphs capture them.
+
+Dispatch by M (rows of x): M == 1 -> gemv_kernel, M >= 2 -> gemm_kernel (tl.dot; M <= 16 pads the MMA
+to 16). Launch configs are timed once per (device, kernel, encoding, block size, dtype, N, K, M bucket) and
+cached for the process; under CUDA graph capture an untuned shape takes the first candidate (timing is
+impossible there), so warm up before capturing.
+Under TRITON_INTERPRET=1 (CPU tests) the first candidate is used with no timing.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qrun.quant import NF4_CODE
+
+from .gemm import gemm_kernel
+from .gemv import gemv_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
+
+_tuned: dict[tuple, dict] = {}
+_code_tables: dict[torch.device, torch.Tensor] = {}
+
+
+def _code_table(device: torch.device) -> torch.Tensor:
+    t = _code_tables.get(device)
+    if t is None:
+        t = _code_tables[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return t
+
+
+def _pick(key: tuple, candidates: list[dict], launch) -> dict:
+    """The fastest of `candidates` for `key` (timed once), launching each through launch(cfg)."""
+    cfg = _tuned.get(key)
+    if cfg is not None:
+        return cfg
+    if not TUNE or INTERPRET or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    from triton.testing import do_bench
+    best, best_t = candidates[0], float("inf")
+    for c in candidates:
+        try:
+            t = do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config the compiler rejects (e.g. out of shared memory) is skipped
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    _tuned[key] = best
+    return best
+
+
+def _check(x, qweight, scales, zeros, encoding, block_size, in_features):
+    n, nb = scales.shape
+    kp = nb * block_size
+    if x.shape[-1] != in_features or in_features > kp:
+        raise ValueError(f"x has {x.shape[-1]} features; the weight expects {in_features} (padded {kp})")
+    per_byte = 1 if encoding == "int8_sym" else 2
+    if tuple(qweight.shape) != (n, kp // per_byte):
+        raise ValueError(f"{encoding} qweight shape {tuple(qweight.shape)} != {(n, kp // per_byte)}")
+    if encoding == "int4_asym" and (zeros is None or zeros.shape != scales.shape):
+        raise ValueError("int4_asym needs zeros shaped like the scales")
+    for t in (qweight, scales) + ((zeros,) if zeros is not None else ()):
+        if t.stride(-1) != 1:
+            raise ValueError("quantized parts must be contiguous along K")
+
+
+def _gemv_candidates(encoding, block_size, nb):
+    hb = block_size if encoding == "int8_sym" else block_size // 2
+    out = []
+    # (rows, packed bytes per row per step, warps, stages): 16 to 64 bytes per thread per step
+    for bn, row_bytes, warps, stages in ((8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2), (4, 1024, 4, 3),
+                                         (16, 256, 4, 3), (32, 256, 8, 2), (16, 1024, 8, 2), (8, 256, 4, 4)):
+        g = max(1, row_bytes // hb)
+        g = min(g, triton_next_pow2(nb))
+        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=stages)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _gemm_candidates(m, block_size):
+    if m <= 16:
+        cands = [(64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (64, 16, 64, 4, 4), (128, 16, 64, 4, 4)]
+    elif m <= 64:
+        cands = [(128, 64, 128, 4, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4), (64, 32, 128, 4, 4)]
+    else:
+        cands = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+                 (256, 128, 64, 8, 3)]
+    out = []
+    for bn, bm, bk, warps, stages in cands:
+        bk = min(bk, block_size)  # one scale per row per K tile
+        c = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        if c not in out:
+            out.append(c)
+    if INTERPRET:  # small tiles keep the interpreter fast
+        out = [dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=min(32, block_size), num_warps=4, num_stages=1)]
+    return out
+
+
+def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, silu):
+    _check(x, qweight, scales, zeros, encoding, block_size, in_features)
+    k = in_features
+    n, nb = scales.shape
+    if silu and n % 2:
+        raise ValueError("gate+up weight needs an even number of rows")
+    n_out = n // 2 if silu else n
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n_out)
+    code = _code_table(x.device) if encoding == "nf4" else scales
+    z = zeros if zeros is not None else scales
+    b = bias if bias is not None else scales
+    dev = x.device.index if x.device.type == "cuda" else -1
+    common = (encoding, block_size, x.dtype, scales.dtype, n, k, bias is not None, silu)
+
+    if m == 1:
+        def launch(c, out=y):
+            grid = (triton_cdiv(n_out, c["BLOCK_N"]),)
+            gemv_kernel[grid](x2, qweight, scales, z, code, b, out, n_out, k, nb, qweight.stride(0),
+                              scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
+                              HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET, **c)
+        cfg = _pick((dev, "gemv") + common, _gemv_candidates(encoding, block_size, nb), launch)
+        launch(cfg)
+        return y.reshape(*lead, n_out)
+
+    mb = triton_next_pow2(m)
+    cands = _gemm_candidates(m, block_size)
+    kp = nb * block_size
+
+    def split_of(c):
+        # Split K only when the tile grid cannot fill the GPU and each split keeps >= 4 K tiles.
+        if silu or INTERPRET:
+            return 1
+        tiles = triton_cdiv(n_out, c["BLOCK_N"]) * triton_cdiv(m, c["BLOCK_M"])
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        if tiles * 2 > sms:
+            return 1
+        return max(1, min(sms // tiles, kp // c["BLOCK_K"] // 4, 16))
+
+    def launch(c, out=None):
+        split = split_of(c)
+        if out is None:
+            out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device) if split > 1 else y
+        grid = (triton_cdiv(n_out, c["BLOCK_N"]), triton_cdiv(m, c["BLOCK_M"]), split)
+        gemm_kernel[grid](x2, qweight, scales, z, code, b, out, m, n_out, k, kp, x2.stride(0),
+                          qweight.stride(0), scales.stride(0), z.stride(0), out.stride(0),
+                          ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, SPLIT_K=split,
+                          INTERPRET=INTERPRET, **c)
+        return out
+
+    cfg = _pick((dev, "gemm", mb) + common, cands, launch)
+    out = launch(cfg)
+    if out is not y:
+        y.copy_(out)
+    return y.reshape(*lead, n_out)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features):
+    return _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, silu=False)
+
+
+def quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features):
+    return _launch(x, qweight, scales, zeros, None, encoding, block_size, in_features, silu=True)
+
+
+# ------------------------------------------------------------------------------------ torch.library ops
+
+@torch.library.custom_op("qrun::quant_linear", mutates_args=())
+def quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor | None, bias: torch.Tensor | None, encoding: str, block_size: int,
+                    in_features: int) -> torch.Tensor:
+    return quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features)
+
+
+@quant_linear_op.register_fake
+def _(x, qweight, scales, zeros, bias, encoding, block_size, in_features):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+@torch.library.custom_op("qrun::quant_linear_silu_mul", mutates_args=())
+def quant_linear_silu_mul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             zeros: torch.Tensor | None, encoding: str, block_size: int,
+                             in_features: int) -> torch.Tensor:
+    return quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features)
+
+
+@quant_linear_silu_mul_op.register_fake
+def _(x, qweight, scales, zeros, encoding, block_size, in_features):
+    return x.new_empty((*x.shape[:-1], scales.shape[0] // 2))

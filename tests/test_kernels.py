@@ -1,0 +1,142 @@
+"""The Triton kernels on the CPU under TRITON_INTERPRET=1, against the float64 dequant reference.
+
+The interpreter flag must be set before triton is imported, and other test modules import torch/triton
+normally, so every kernel case runs in ONE subprocess (this file run as a script); the tests here read
+its JSON results. Small shapes: odd N, K not a multiple of 256 (and K < Kp), every block size and encoding,
+the GEMV (M = 1) and the GEMM (M > 1), bias, the fused SiLU-mul, the custom op's fake implementation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENCODINGS = ("int8_sym", "int4_sym", "int4_asym", "nf4")
+BLOCKS = (32, 64, 128, 256)
+TOL = 1e-2  # the issue's bound for bf16 activations
+
+
+def cases():
+    """(name, dict) for every kernel case; shapes chosen so that N is odd and K is not a multiple of B."""
+    out = []
+    for enc in ENCODINGS:
+        for b in BLOCKS:
+            for m in (1, 5):  # GEMV, GEMM
+                out.append((f"{enc}-B{b}-M{m}", dict(enc=enc, b=b, m=m, n=37, k=200, dtype="bfloat16",
+                                                    bias=(b == 64), silu=False)))
+    # fused gate+up, other activation dtypes, 3-D x, a K that fills several GEMM tiles
+    out.append(("silu-gemv", dict(enc="int4_sym", b=32, m=1, n=2 * 19, k=72, dtype="bfloat16", bias=False,
+                                  silu=True)))
+    out.append(("silu-gemm", dict(enc="int4_asym", b=64, m=3, n=2 * 19, k=150, dtype="bfloat16", bias=False,
+                                  silu=True)))
+    out.append(("fp16-gemv", dict(enc="nf4", b=128, m=1, n=21, k=300, dtype="float16", bias=True, silu=False)))
+    out.append(("fp32-gemm", dict(enc="int8_sym", b=32, m=2, n=33, k=100, dtype="float32", bias=True,
+                                  silu=False)))
+    out.append(("3d-x-gemm", dict(enc="int4_sym", b=32, m=(2, 3), n=17, k=96, dtype="bfloat16", bias=False,
+                                  silu=False)))
+    return out
+
+
+# ------------------------------------------------------------------------------- subprocess (interpreter)
+
+def _run_cases() -> dict:
+    import torch
+
+    from qrun.kernels.ops import quant_linear_silu_mul_triton, quant_linear_triton
+    from qrun.kernels.reference import parts_of
+    from qrun.quant import dequantize_parts, quantize
+
+    torch.manual_seed(0)
+    res = {}
+    for name, c in cases():
+        dtype = getattr(torch, c["dtype"])
+        qt = quantize(torch.randn(c["n"], c["k"]), c["enc"], c["b"])
+        p = qt.parts
+        lead = c["m"] if isinstance(c["m"], tuple) else (c["m"],)
+        x = torch.randn(*lead, c["k"]).to(dtype)
+        bias = torch.randn(c["n"]).to(dtype) if c["bias"] else None
+        args = (p["qweight"], p["scales"], p.get("zeros"))
+        # Oracle: the reference's weight (dequantized to the activation dtype, as reference.py does) and the
+        # same rounded x and bias, multiplied in float64: what is left is the kernel's own error.
+        w = dequantize_parts(c["enc"], parts_of(*args), (c["n"], c["k"]), c["b"], dtype=dtype).double()
+        ref = torch.nn.functional.linear(x.double(), w, None if bias is None else bias.double())
+        if c["silu"]:
+            g, u = ref.chunk(2, dim=-1)
+            ref = torch.nn.functional.silu(g) * u
+            y = quant_linear_silu_mul_triton(x, *args, c["enc"], c["b"], c["k"])
+        else:
+            y = quant_linear_triton(x, *args, bias, c["enc"], c["b"], c["k"])
+        ok_shape = tuple(y.shape) == tuple(ref.shape) and y.dtype == dtype
+        err = ((y.double() - ref).norm() / ref.norm()).item() if ok_shape else float("inf")
+        res[name] = dict(err=err, finite=bool(torch.isfinite(y).all()), shape_ok=ok_shape)
+
+    # The custom op through torch.library's own checks (schema, fake tensor, autograd registration).
+    import qrun.kernels.ops  # noqa: F401  (registers qrun::quant_linear)
+    qt = quantize(torch.randn(9, 64), "int4_sym", 32)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    try:
+        torch.library.opcheck(torch.ops.qrun.quant_linear.default,
+                              (x, qt.parts["qweight"], qt.parts["scales"], None, None, "int4_sym", 32, 64),
+                              test_utils=("test_schema", "test_faketensor"))
+        res["opcheck"] = dict(ok=True)
+    except Exception as e:  # reported to the parent test
+        res["opcheck"] = dict(ok=False, why=f"{type(e).__name__}: {e}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [n for n, _ in cases()])
+def test_kernel_matches_reference(results, name):
+    r = results[name]
+    assert r["shape_ok"] and r["finite"], r
+    assert r["err"] <= TOL, r
+
+
+def test_custom_op_fake_and_schema(results):
+    assert results["opcheck"]["ok"], results["opcheck"]
+
+
+def test_cpu_tensors_take_the_reference_path():
+    import torch
+
+    from qrun.kernels import quant_linear
+    from qrun.kernels.reference import quant_linear_ref
+    from qrun.quant import quantize
+
+    p = quantize(torch.randn(7, 40), "int4_asym", 32).parts
+    x = torch.randn(2, 40)
+    y = quant_linear(x, p["qweight"], p["scales"], p["zeros"], None, encoding="int4_asym", block_size=32,
+                     in_features=40)
+    assert torch.equal(y, quant_linear_ref(x, p["qweight"], p["scales"], p["zeros"], None, "int4_asym", 32, 40))
+
+
+def test_bad_shapes_are_refused():
+    import torch
+
+    from qrun.kernels.ops import quant_linear_triton
+    from qrun.quant import quantize
+
+    p = quantize(torch.randn(7, 64), "int4_sym", 32).parts
+    with pytest.raises(ValueError, match="features"):
+        quant_linear_triton(torch.randn(1, 65), p["qweight"], p["scales"], None, None, "int4_sym", 32, 65)
+    with pytest.raises(ValueError, match="qweight shape"):
+        quant_linear_triton(torch.randn(1, 64), p["qweight"], p["scales"], None, None, "int8_sym", 32, 64)
+    with pytest.raises(ValueError, match="zeros"):
+        quant_linear_triton(torch.randn(1, 64), p["qweight"], p["scales"], None, None, "int4_asym", 32, 64)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (sets TRITON_INTERPRET=1)"
+    sys.path.insert(0, os.getcwd())
+    print(json.dumps(_run_cases()))

@@ -1,0 +1,112 @@
+"""The Triton kernels on a CUDA GPU at real layer shapes (run on the device: `pytest -m gpu`).
+
+Fresh random inputs for every case; the output memory is poisoned with NaN before each run (the caching
+allocator hands the freed NaN block to the kernel's output), so an unwritten element fails; NaN never
+passes. Oracle: the reference weight (dequantized to the activation dtype) times x in float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # collected on CPU machines only with -m gpu
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
+from qrun.kernels.reference import parts_of  # noqa: E402
+from qrun.quant import dequantize_parts, quantize  # noqa: E402
+
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_tuning():
+    # Timing every candidate config would compile ~8 variants per case: correctness needs only one.
+    import qrun.kernels.ops as ops
+    ops.TUNE = False
+    yield
+    ops.TUNE = True
+
+
+def _weight(n, k, enc, b):
+    # Quantize on the GPU: fast at 7B shapes and the same code as on the CPU.
+    qt = quantize(torch.randn(n, k, device=DEV), enc, b)
+    return qt.parts["qweight"], qt.parts["scales"], qt.parts.get("zeros")
+
+
+def _poison(shape, dtype):
+    torch.full(shape, float("nan"), dtype=dtype, device=DEV)  # freed at once, reused for the output
+
+
+def _check(y, ref, tol=1e-2):
+    assert torch.isfinite(y).all(), "NaN/Inf in the output (unwritten element?)"
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err <= tol, err
+
+
+def _ref(x, parts, n, k, enc, b, bias=None):
+    w = dequantize_parts(enc, parts_of(*parts), (n, k), b, dtype=x.dtype).double()
+    return torch.nn.functional.linear(x.double(), w, None if bias is None else bias.double())
+
+
+SHAPES = [(896, 1152), (4864, 896), (3584, 4608), (18944, 3584), (896, 151936)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 300])
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_int4_sym_real_shapes(k, n, m):
+    torch.manual_seed(1000 * m + n)
+    parts = _weight(n, k, "int4_sym", 128)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    _poison((m, n), torch.bfloat16)
+    y = quant_linear(x, *parts, bias, encoding="int4_sym", block_size=128, in_features=k)
+    _check(y, _ref(x, parts, n, k, "int4_sym", 128, bias))
+
+
+@pytest.mark.parametrize("enc", ["int8_sym", "int4_sym", "int4_asym", "nf4"])
+@pytest.mark.parametrize("b", [32, 64, 128, 256])
+@pytest.mark.parametrize("m", [1, 5, 128])
+def test_every_encoding_and_block(enc, b, m):
+    # odd N, K not a multiple of the block (x has K columns, the weight Kp)
+    n, k = 1001, 3000
+    torch.manual_seed(7 * b + m)
+    parts = _weight(n, k, enc, b)
+    x = torch.randn(2, m, k, device=DEV, dtype=torch.float16 if b == 64 else torch.bfloat16)
+    _poison((2 * m, n), x.dtype)
+    y = quant_linear(x, *parts, None, encoding=enc, block_size=b, in_features=k)
+    assert y.shape == (2, m, n)
+    _check(y, _ref(x, parts, n, k, enc, b))
+
+
+@pytest.mark.parametrize("m", [1, 4, 200])
+@pytest.mark.parametrize("k,n", [(896, 9728), (3584, 37888)])
+def test_gate_up_silu_mul(k, n, m):
+    torch.manual_seed(m)
+    parts = _weight(n, k, "int4_sym", 128)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    _poison((m, n // 2), torch.bfloat16)
+    y = quant_linear_silu_mul(x, *parts, encoding="int4_sym", block_size=128, in_features=k)
+    g, u = _ref(x, parts, n, k, "int4_sym", 128).chunk(2, dim=-1)
+    _check(y, torch.nn.functional.silu(g) * u)
+
+
+def test_cuda_graph_capture_and_compile():
+    k, n = 896, 1152
+    parts = _weight(n, k, "int4_sym", 128)
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+
+    def f(x):
+        return quant_linear(x, *parts, None, encoding="int4_sym", block_size=128, in_features=k)
+
+    f(x)  # tunes the launch config outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = f(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    _check(y, _ref(x, parts, n, k, "int4_sym", 128))
+    yc = torch.compile(f, fullgraph=True)(x)
+    _check(yc, _ref(x, parts, n, k, "int4_sym", 128))
