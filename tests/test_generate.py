@@ -1,0 +1,249 @@
+"""Generation, sampling, streaming detokenization, chat template and the generate/chat CLI."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import qrun
+import tiny_models as tm
+from qrun.cli.main import main
+from qrun.errors import QRunError
+from qrun.runtime.generate import _hold_stops
+from qrun.runtime.sampling import SamplingParams, min_p_filter, repetition_penalty, sample, top_k_filter, \
+    top_p_filter
+from qrun.runtime.tokenizer import StreamDecoder, Tokenizer
+
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+MESSAGES = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": " hi! "},
+            {"role": "user", "content": "héllo wörld 🙂"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tm.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, tok):
+    hf = tm.make_hf("qwen2")
+    path = tm.tmpfile(tmp_path_factory.mktemp("gen"))
+    tm.write_stcmp(path, hf, tm.tokenizer_files(tok, generation_config={"eos_token_id": [2, 0]}))
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    return qrun.load(model_path[0], device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------------------- generation
+
+def test_greedy_matches_transformers(llm, model_path):
+    hf = model_path[1]
+    ids = llm.encode("once upon a time")
+    ours = list(llm.generate_ids(ids, SamplingParams(max_new_tokens=12, temperature=0)))
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                          eos_token_id=sorted(llm.eos_ids), pad_token_id=1)[0, len(ids):].tolist()
+    want = []
+    for t in out:
+        if t in llm.eos_ids:
+            break
+        want.append(t)
+    assert ours == want and len(ours) >= 3
+
+
+def test_eos_ids_from_file(llm):
+    assert llm.eos_ids == {2, 0}  # generation_config list ∪ config.json ∪ tokenizer eos_token (<|im_end|> = 2)
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    kw = dict(max_new_tokens=16, temperature=1.5)
+    a = list(llm.generate_ids(llm.encode("hello"), SamplingParams(seed=7, **kw)))
+    b = list(llm.generate_ids(llm.encode("hello"), SamplingParams(seed=7, **kw)))
+    c = list(llm.generate_ids(llm.encode("hello"), SamplingParams(seed=8, **kw)))
+    assert a == b and a != c
+
+
+def test_stream_concatenates_to_generate(llm):
+    kw = dict(max_new_tokens=20, temperature=0.9, seed=3)
+    pieces = list(llm.stream("the quick brown", **kw))
+    assert len(pieces) > 1
+    assert "".join(pieces) == llm.generate("the quick brown", **kw)
+    assert llm.stats.generated_tokens == 20 and llm.stats.finish_reason == "length"
+
+
+def test_stop_string_and_eos(llm):
+    full = llm.generate("hello world", max_new_tokens=20, temperature=0)
+    ids = list(llm.generate_ids(llm.encode("hello world"), SamplingParams(max_new_tokens=20, temperature=0)))
+    stop = full[5:8]
+    cut = llm.generate("hello world", max_new_tokens=20, temperature=0, stop=[stop])
+    assert cut == full[:full.find(stop)] and llm.stats.finish_reason == "stop"
+    # Make the 4th greedy token an EOS id: generation ends before it.
+    llm.eos_ids.add(ids[3])
+    try:
+        got = list(llm.generate_ids(llm.encode("hello world"), SamplingParams(max_new_tokens=20, temperature=0)))
+    finally:
+        llm.eos_ids.discard(ids[3])
+    assert got == ids[:ids.index(ids[3])] and llm.stats.finish_reason == "eos"
+
+
+def test_hold_stops_never_leaks_a_stop_string():
+    out = list(_hold_stops(iter(["Hel", "lo w", "orld", "!"]), ["o wo"], lambda: None))
+    assert "".join(out) == "Hell"
+    out = list(_hold_stops(iter(["ab", "c", "d"]), ["cx", "zz"], lambda: None))
+    assert "".join(out) == "abcd" and out[0] == "ab"
+
+
+def test_prompt_longer_than_max_seq_len(model_path):
+    small = qrun.load(model_path[0], device="cpu", max_seq_len=8, progress=False)
+    with pytest.raises(QRunError, match="max_seq_len is 8"):
+        small.generate("the quick brown fox jumps over the lazy dog", max_new_tokens=2)
+    # A prompt that fits stops when the cache is full rather than writing past it.
+    ids = small.encode("hello")
+    got = list(small.generate_ids(ids, SamplingParams(max_new_tokens=50, temperature=0.8, seed=0)))
+    assert len(ids) + len(got) <= 8
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+def test_filters_match_transformers():
+    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                         TopKLogitsWarper, TopPLogitsWarper)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 3
+    ids = torch.tensor([[1, 5, 7], [2, 2, 9], [0, 49, 3]])
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
+    assert torch.equal(repetition_penalty(logits, seen, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(ids, logits))
+    assert torch.equal(top_k_filter(logits, 7), TopKLogitsWarper(7)(ids, logits.clone()))
+    for p in (0.3, 0.8, 0.95):
+        assert torch.equal(top_p_filter(logits, p).isinf(), TopPLogitsWarper(p)(ids, logits.clone()).isinf())
+    assert torch.equal(min_p_filter(logits, 0.1).isinf(), MinPLogitsWarper(0.1)(ids, logits.clone()).isinf())
+
+
+def test_sampling_keeps_only_allowed_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 100, generator=g).repeat(400, 1)  # 400 draws from one distribution
+    top5 = set(logits[0].topk(5).indices.tolist())
+    drawn = set(sample(logits, SamplingParams(temperature=2.0, top_k=5), generator=g).tolist())
+    assert drawn <= top5 and len(drawn) > 1
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(400, 1)
+    drawn = set(sample(probs, SamplingParams(temperature=1.0, top_p=0.7), generator=g).tolist())
+    assert drawn == {0, 1}
+    drawn = set(sample(probs, SamplingParams(temperature=1.0, min_p=0.2), generator=g).tolist())
+    assert drawn == {0, 1, 2}
+    assert sample(probs[:1], SamplingParams(temperature=0)).item() == 0
+
+
+@pytest.mark.parametrize("kw,msg", [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                    ({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k"),
+                                    ({"min_p": 2.0}, "min_p"), ({"repetition_penalty": 0.0}, "repetition"),
+                                    ({"max_new_tokens": -3}, "max_new_tokens")])
+def test_bad_sampling_values(kw, msg):
+    with pytest.raises(QRunError, match=msg):
+        SamplingParams(**kw).validate()
+
+
+# ------------------------------------------------------------------------------- tokenizer and chat
+
+def test_stream_decoder_never_splits_utf8(tok):
+    t = Tokenizer(tm.tokenizer_files(tok))
+    text = "héllo wörld 日本語 🙂 naïve café €"
+    ids = t.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    dec = StreamDecoder(t, t.encode("context: "))
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text == t.decode(ids)
+
+
+@pytest.mark.parametrize("template", [tm.CHATML, LLAMA2_TEMPLATE], ids=["chatml", "llama2"])
+def test_chat_template_matches_transformers(tok, template):
+    ours = Tokenizer(tm.tokenizer_files(tok, template=template))
+    hf = tm.hf_tokenizer(tok, template)
+    for msgs in (MESSAGES, MESSAGES[:1]):
+        for gen in (True, False):
+            text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert ours.apply_chat_template(msgs, add_generation_prompt=gen) == text
+        want = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert ours.encode_chat(msgs) == list(want)
+    if template == LLAMA2_TEMPLATE:
+        with pytest.raises(QRunError, match="roles must alternate"):
+            ours.apply_chat_template(MESSAGES[1:])
+
+
+def test_chat_mode_uses_template(llm):
+    ids = llm.encode("hi", chat=True)
+    assert llm.tokenizer.decode(ids, skip_special_tokens=False) == \
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
+        "<|im_start|>assistant\n"
+    assert llm.encode(messages=[{"role": "user", "content": "hi"}]) == ids
+    assert isinstance(llm.generate("hi", chat=True, max_new_tokens=3, temperature=0), str)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _run(capsys, argv, monkeypatch=None, stdin=None):
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_generate_streams_text_and_stats(capsys, llm, model_path, monkeypatch):
+    base = ["generate", "--model", model_path[0], "--device", "cpu", "-n", "10", "--temperature", "0",
+            "--no-progress"]
+    rc, out, err = _run(capsys, base + ["--prompt", "hello world"])
+    assert rc == 0
+    assert out == llm.generate("hello world", max_new_tokens=10, temperature=0)  # no prompt echo
+    assert err.count("\n") == 1 and "prompt tokens: 3, generated tokens: 10" in err and "decode:" in err
+    rc, out2, _ = _run(capsys, base + ["--prompt", "-"], monkeypatch, stdin="hello world")
+    assert rc == 0 and out2 == out
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"), (["--top-k", "-2"], "top_k"),
+    (["--max-seq-len", "4", "--prompt", "the quick brown fox jumps over the lazy dog"], "max_seq_len is 4"),
+])
+def test_cli_bad_input_one_line(capsys, model_path, extra, msg):
+    argv = ["generate", "--model", model_path[0], "--device", "cpu", "--no-progress", "--prompt", "hi"] + extra
+    rc, out, err = _run(capsys, argv)
+    assert rc != 0 and out == ""
+    assert err.startswith("qrun: error: ") and err.count("\n") == 1 and msg in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cli_cuda_without_gpu(capsys, model_path):
+    rc, _, err = _run(capsys, ["generate", "--model", model_path[0], "--device", "cuda", "--prompt", "x"])
+    assert rc == 1 and "no CUDA GPU" in err and err.count("\n") == 1
+
+
+def test_cli_missing_model_file(capsys, tmp_path):
+    rc, _, err = _run(capsys, ["generate", "--model", str(tmp_path / "nope.stcmp"), "--device", "cpu",
+                               "--prompt", "x"])
+    assert rc == 1 and "no such file" in err and err.count("\n") == 1
+
+
+def test_cli_chat_session(capsys, llm, model_path, monkeypatch):
+    turns = "hello there\n/reset\nhello there\nsecond turn\n/exit\nnever read\n"
+    rc, out, err = _run(capsys, ["chat", "--model", model_path[0], "--device", "cpu", "-n", "6",
+                                 "--temperature", "0", "--no-progress"], monkeypatch, stdin=turns)
+    assert rc == 0 and "history cleared" in err
+    replies = out.split("\n")[:3]
+    first = llm.generate(messages=[{"role": "user", "content": "hello there"}], max_new_tokens=6,
+                         temperature=0)
+    second = llm.generate(messages=[{"role": "user", "content": "hello there"},
+                                    {"role": "assistant", "content": first},
+                                    {"role": "user", "content": "second turn"}], max_new_tokens=6, temperature=0)
+    assert replies == [first, first, second]  # /reset really forgot the first turn; history is kept otherwise
