@@ -346,7 +346,32 @@ def test_open_source_dispatches_gguf(tmp_path):
     assert isinstance(open_source(str(p)), GGUFSource)
 
 
-# ------------------------------------------------------------------------------- the demo model (slow)
+# ------------------------------------------------------------------------------- the demo model
+
+def test_demo_download_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    # A stand-in for `python -m pip` that fails like pip does offline.
+    from qrun.runtime import demo
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'WARNING: Retrying ...' >&2\necho 'ERROR: No matching distribution found' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(demo.sys, "executable", str(fake))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QRUN_CACHE", str(cache))
+    with pytest.raises(QRunError) as e:
+        demo.demo_model_path(progress=False)
+    assert "\n" not in str(e.value) and str(e.value).endswith("No matching distribution found")
+    assert list(cache.iterdir()) == []
+
+
+def test_cache_dir_honours_qrun_cache_and_xdg(tmp_path, monkeypatch):
+    from qrun.runtime import demo
+    monkeypatch.delenv("QRUN_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert demo.cache_dir() == str(tmp_path / "xdg" / "qrun")
+    monkeypatch.setenv("QRUN_CACHE", str(tmp_path / "mine"))
+    assert demo.cache_dir() == str(tmp_path / "mine")
+
 
 @pytest.fixture(scope="module")
 def demo_gguf(tmp_path_factory):
@@ -396,3 +421,22 @@ def test_demo_tensors_match_transformers(demo_gguf):
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                  "model.layers.7.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight"):
         assert torch.equal(src.get(name), theirs[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.slow
+def test_demo_model_is_built_once_from_the_cached_gguf(demo_gguf, tmp_path, monkeypatch):
+    import shutil
+    from qrun.runtime import demo
+    from qrun.runtime.stcmp import Reader
+    monkeypatch.setenv("QRUN_CACHE", str(tmp_path))
+    shutil.copy(demo_gguf, tmp_path / demo.DEMO_GGUF_NAME)
+
+    def no_download(*a, **k):
+        raise AssertionError("the cached GGUF must not be downloaded again")
+    monkeypatch.setattr(demo, "_download_wheel", no_download)
+    path = demo.demo_model_path(progress=False)
+    assert path == str(tmp_path / demo.DEMO_STCMP_NAME)
+    with Reader(path) as r:
+        assert r.header["config"]["model_type"] == "llama" and "<|im_start|>" in r.header["files"]["chat_template"]
+    mtime = os.path.getmtime(path)
+    assert demo.demo_model_path(progress=False) == path and os.path.getmtime(path) == mtime
