@@ -27,6 +27,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import qrun.kernels.ops as ops  # noqa: E402
 from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
 from qrun.kernels.reference import parts_of  # noqa: E402
 from qrun.quant import dequantize_parts, quantize  # noqa: E402
@@ -99,6 +100,16 @@ def copy_bandwidth():
     return 2 * (2 << 30) / (t * 1e-3)
 
 
+def kernel_facts(k):
+    """What the compiler made of the last launched kernel: registers, spills, wgmma, 16-byte loads."""
+    asm = getattr(k, "asm", {}) or {}
+    ttgir, ptx = asm.get("ttgir", ""), asm.get("ptx", "")
+    return dict(regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
+                wgmma="warp_group_dot" in ttgir, mma="wgmma" in ptx or "mma.sync" in ptx,
+                ld_v4=ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
+                cp_async=ptx.count("cp.async"))
+
+
 def copies_for(nbytes):
     return max(2, min(256, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
@@ -162,6 +173,8 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
     for m in ms:
         fns, nbytes = make_ours(k, n, silu, m, copies_for(n * k // 2))
         t_ours = ms_graph(fns)
+        diag = kernel_facts(ops.LAST["gemv" if m == 1 else "gemm"])
+        diag["config"] = {k_: v for k_, v in list(ops._tuned.values())[-1].items()}
         t_eager = ms_eager(fns[0]) if m == 1 else None
         del fns
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(nc_b, nc_i))]
@@ -178,11 +191,11 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
                          cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
                          int4pack_us=None if t_i4 is None else t_i4 * 1e3,
                          x_int4pack=None if t_i4 is None else t_i4 / t_ours,
-                         TFLOPs=2 * m * n * k / (t_ours * 1e-3) / 1e12))
+                         TFLOPs=2 * m * n * k / (t_ours * 1e-3) / 1e12, diag=diag))
         r = rows[-1]
         print(f"  {name:14s} M={m:5d} ours {r['ours_us']:8.2f} us  {gbs:7.0f} GB/s  {r['pct_copy']:5.1f}%  "
               f"cuBLAS {r['cublas_us']:8.2f} us (x{r['x_cublas']:.2f})  int4pack "
-              f"{'-' if t_i4 is None else f'{t_i4 * 1e3:8.2f}'} us", flush=True)
+              f"{'-' if t_i4 is None else f'{t_i4 * 1e3:8.2f}'} us  {diag}", flush=True)
         del xs
     del ws, i4
     torch.cuda.empty_cache()

@@ -1,9 +1,10 @@
 """Skinny/prefill GEMM (M >= 2): y (M, N) = x (M, K) @ dequant(W)^T, W dequantized tile by tile in registers.
 
-The product is computed transposed, acc (BLOCK_N, BLOCK_M) = W_tile (BLOCK_N, BLOCK_K) @ x^T (BLOCK_K,
-BLOCK_M): the dequantized weight is the A operand, which Hopper's wgmma may take from registers, and x^T is
-the B operand loaded into shared memory by the pipeliner (K-contiguous, wgmma's native layout). Small M
-(decode batches) then only pads the MMA's N side to 16.
+SWAP (default): the product is computed transposed, acc (BLOCK_N, BLOCK_M) = W_tile (BLOCK_N, BLOCK_K) @
+x^T (BLOCK_K, BLOCK_M): the dequantized weight is the A operand, which Hopper's wgmma may take from
+registers, and x^T is the B operand loaded into shared memory by the pipeliner. Small M (decode batches)
+then only pads the MMA's N side to 16. SWAP=False computes x @ W_tile^T (W through shared memory); the
+launcher times both for large M.
 
 BLOCK_K divides the quantization block B, so a K tile has one scale (and zero) per row: w = value * s + c
 with c = -offset * s, one FMA per weight before the cast to the activation dtype.
@@ -21,13 +22,16 @@ from .dequant import cast, int4_values, int8_values
 def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask, K, KP, stride_xm,
                stride_wn, stride_sn, stride_zn,
                ENC: tl.constexpr, B: tl.constexpr, SPLIT_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
                INTERPRET: tl.constexpr):
     """float32 (BLOCK_N, BLOCK_M) = W[rows] @ x[offs_m]^T over this program's share of K."""
     BKB: tl.constexpr = BLOCK_K if ENC == "int8_sym" else BLOCK_K // 2  # packed bytes per K tile
     offs_kb = tl.arange(0, BKB)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kt in range(tl.program_id(2), tl.cdiv(KP, BLOCK_K), SPLIT_K):
         k0 = kt * BLOCK_K
         # KP is a multiple of B, and B of BLOCK_K: no mask along K for the weight.
@@ -55,9 +59,14 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
                      mask=mmask[None, :] & (kk < K)[:, None], other=0.0)      # (BLOCK_K, BLOCK_M)
         w = cast(w, xt.dtype, INTERPRET)
         if INTERPRET:  # the CPU interpreter's bf16/fp16 tl.dot is wrong (triton 3.9): same roundings, fp32 dot
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            w = w.to(tl.float32)
+            xt = xt.to(tl.float32)
+        if SWAP:
+            acc = tl.dot(w, xt, acc, input_precision="ieee" if INTERPRET else None)           # (BN, BM)
         else:
-            acc = tl.dot(w, xt, acc)
+            acc = tl.dot(tl.trans(xt), tl.trans(w), acc, input_precision="ieee" if INTERPRET else None)
+    if not SWAP:
+        acc = tl.trans(acc)                                                                 # (BN, BM)
     return acc
 
 
@@ -70,18 +79,19 @@ def gemm_kernel(
     M, N_OUT, K, KP, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = True,
+    INTERPRET: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N_OUT
     mmask = offs_m < M
     acc = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask, K, KP, stride_xm,
-                     stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, INTERPRET)
+                     stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, INTERPRET)
     if SILU:  # the launcher never combines SILU with SPLIT_K > 1 (silu is not additive)
         up = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows + N_OUT, rmask, offs_m, mmask, K, KP,
                         stride_xm, stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M,
-                        BLOCK_K, INTERPRET)
+                        BLOCK_K, SWAP, INTERPRET)
         acc = acc / (1.0 + tl.exp(-acc)) * up
     if HAS_BIAS:
         if tl.program_id(2) == 0:

@@ -22,6 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
 
 _tuned: dict[tuple, dict] = {}
+LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
 _code_tables: dict[torch.device, torch.Tensor] = {}
 
 
@@ -70,14 +71,16 @@ def _check(x, qweight, scales, zeros, encoding, block_size, in_features):
 def _gemv_candidates(encoding, block_size, nb):
     hb = block_size if encoding == "int8_sym" else block_size // 2
     out = []
-    # (rows, packed bytes per row per step, warps, stages): 16 to 64 bytes per thread per step
-    for bn, row_bytes, warps, stages in ((8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2), (4, 1024, 4, 3),
-                                         (16, 256, 4, 3), (32, 256, 8, 2), (16, 1024, 8, 2), (8, 256, 4, 4)):
+    # (rows, packed bytes per row per step, warps): 16 or 32 bytes per thread per row per step
+    for bn, row_bytes, warps in ((8, 512, 1), (4, 512, 1), (16, 512, 1), (8, 1024, 1), (8, 1024, 2),
+                                 (4, 1024, 2), (16, 1024, 2), (4, 2048, 4)):
         g = max(1, row_bytes // hb)
         g = min(g, triton_next_pow2(nb))
-        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=stages)
+        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=1)
         if c not in out:
             out.append(c)
+    if INTERPRET:  # few unrolled rows keep the interpreter fast; 4 still leaves a ragged last program
+        out = [dict(out[0], BLOCK_N=4)]
     return out
 
 
@@ -90,17 +93,21 @@ def _gemm_candidates(m, block_size):
         cands = [(64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (64, 16, 64, 4, 4), (128, 16, 64, 4, 4)]
     elif m <= 64:
         cands = [(128, 64, 128, 4, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4), (64, 32, 128, 4, 4)]
-    else:
+    else:  # both orientations: dequantized W as wgmma's register A operand (SWAP) or as B through smem
         cands = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
                  (256, 128, 64, 8, 3)]
+        cands = [c + (True,) for c in cands] + [(128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
+                                                (256, 128, 64, 8, 3, False), (128, 128, 128, 8, 3, False)]
     out = []
-    for bn, bm, bk, warps, stages in cands:
+    for bn, bm, bk, warps, stages, *swap in cands:
         bk = min(bk, block_size)  # one scale per row per K tile
-        c = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        c = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SWAP=swap[0] if swap else True, num_warps=warps,
+                 num_stages=stages)
         if c not in out:
             out.append(c)
     if INTERPRET:  # small tiles keep the interpreter fast
-        out = [dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=min(32, block_size), num_warps=4, num_stages=1)]
+        out = [dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=min(32, block_size), SWAP=m % 2 == 1, num_warps=4,
+                    num_stages=1)]
     return out
 
 
@@ -128,7 +135,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     if m == 1:
         def launch(c, out=y):
             grid = (triton_cdiv(n_out, c["BLOCK_N"]),)
-            gemv_kernel[grid](x2, qweight, scales, z, code, b, out, n_out, k, nb, qweight.stride(0),
+            LAST["gemv"] = gemv_kernel[grid](x2, qweight, scales, z, code, b, out, n_out, k, nb, qweight.stride(0),
                               scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
                               HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET, **c)
         cfg = _pick((dev, "gemv") + common, _gemv_candidates(encoding, block_size, nb), launch)
@@ -145,16 +152,16 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             return 1
         tiles = triton_cdiv(n_out, c["BLOCK_N"]) * triton_cdiv(m, c["BLOCK_M"])
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        if tiles * 2 > sms:
+        if tiles >= sms:
             return 1
-        return max(1, min(sms // tiles, kp // c["BLOCK_K"] // 4, 16))
+        return max(1, min(triton_cdiv(2 * sms, tiles), kp // c["BLOCK_K"] // 4, 16))
 
     def launch(c, out=None):
         split = split_of(c)
         if out is None:
             out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device) if split > 1 else y
         grid = (triton_cdiv(n_out, c["BLOCK_N"]), triton_cdiv(m, c["BLOCK_M"]), split)
-        gemm_kernel[grid](x2, qweight, scales, z, code, b, out, m, n_out, k, kp, x2.stride(0),
+        LAST["gemm"] = gemm_kernel[grid](x2, qweight, scales, z, code, b, out, m, n_out, k, kp, x2.stride(0),
                           qweight.stride(0), scales.stride(0), z.stride(0), out.stride(0),
                           ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, SPLIT_K=split,
                           INTERPRET=INTERPRET, **c)
