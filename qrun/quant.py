@@ -174,7 +174,7 @@ def quantize(w: torch.Tensor, encoding: str = "int4_sym", block_size: int = 128,
         s3 = s.unsqueeze(2)
         safe = torch.where(s3 > 0, s3, torch.ones_like(s3))
         x = (blocks / safe).clamp(-1, 1)
-        code = torch.tensor(NF4_CODE, dtype=torch.float32)
+        code = torch.tensor(NF4_CODE, dtype=torch.float32, device=blocks.device)
         # Nearest code by midpoints: bucketize keeps memory at one index per weight.
         mids = (code[1:] + code[:-1]) / 2
         q = torch.bucketize(x, mids)
