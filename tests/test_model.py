@@ -39,11 +39,12 @@ def _ids(n=20, seed=1):
     return torch.randint(0, tm.VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _cached_logits(model, ids, split):
-    """Prefill ids[:, :split], then one token at a time through the KV cache: logits (1, T, V)."""
-    out = [model(ids[:, :split], torch.arange(split))]
+def _cached_logits(model, ids, split, trim=False):
+    """Prefill ids[:, :split], then one token at a time through the KV cache: logits (1, T, V).
+    trim: pass kv_len so attention reads only the filled part of the cache (the eager CPU path)."""
+    out = [model(ids[:, :split], torch.arange(split), kv_len=split if trim else None)]
     for t in range(split, ids.shape[1]):
-        out.append(model(ids[:, t:t + 1], torch.tensor([t])))
+        out.append(model(ids[:, t:t + 1], torch.tensor([t]), kv_len=t + 1 if trim else None))
     return torch.cat(out, dim=1)
 
 
@@ -57,9 +58,11 @@ def test_logits_match_transformers(tmp_path, tok, name):
         want = hf(ids).logits
         full = llm.model(ids)
         cached = _cached_logits(llm.model, ids, 7)
+        trimmed = _cached_logits(llm.model, ids, 4, trim=True)
     assert want.abs().max() > 1  # the oracle's logits are not all ~0, so a 1e-4 match means something
     assert (full - want).abs().max() <= 1e-4
     assert (cached - want).abs().max() <= 1e-4
+    assert (trimmed - want).abs().max() <= 1e-4
     # Dense layers everywhere, q/k/v and gate/up fused into one weight each.
     attn = llm.model.layers[0].self_attn
     assert isinstance(attn.qkv_proj, Linear) and isinstance(llm.model.layers[0].mlp.gate_up_proj, FusedSiluMul)

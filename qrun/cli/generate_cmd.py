@@ -70,7 +70,7 @@ def _load(args):
             from qrun.runtime.demo import demo_model_path
         except ImportError:
             raise QRunError("no --model given and the demo model is not available in this install") from None
-        path = demo_model_path()
+        path = demo_model_path(progress=not args.no_progress)
     return load(path, device=device, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 progress=not args.no_progress)
 

@@ -156,15 +156,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        """x (B, T, D); cos/sin (T, hd); mask (T, S) bool, True = may attend; input_pos (T,) or None."""
+    def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
+        """x (B, T, D); cos/sin (T, hd); mask (T, S) bool, True = may attend; input_pos (T,) or None;
+        kv_len: read only cache positions [0, kv_len) (S = kv_len), or the whole cache when None."""
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
         q = apply_rope(q.view(b, t, self.n_heads, self.hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.view(b, t, self.n_kv, self.hd).transpose(1, 2), cos, sin)  # (B, KV, T, hd)
         v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, KV, S, hd)
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, KV, max_seq, hd)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, KV, S, hd)
         if _GQA_SDPA:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -192,8 +195,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.mlp = FeedForward(a)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -223,11 +226,14 @@ class Transformer(nn.Module):
         self.max_seq = max_seq
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, kv_len: int | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
         input_pos (T,) long on the model's device: the cache positions the tokens occupy; they attend to
         every cached position <= their own. None: a cache-free forward over positions 0..T-1.
+        kv_len (host int, optional, > max(input_pos)): attend over cache positions [0, kv_len) only. Eager
+        callers pass it to skip the empty tail of the cache; a captured decode step leaves it None so that
+        every shape stays fixed.
         """
         t = tokens.shape[1]
         if input_pos is None:
@@ -235,11 +241,11 @@ class Transformer(nn.Module):
             keys = pos
         else:
             pos = input_pos
-            keys = torch.arange(self.max_seq, device=tokens.device)
+            keys = torch.arange(self.max_seq if kv_len is None else kv_len, device=tokens.device)
         mask = keys[None, :] <= pos[:, None]  # (T, S)
         x = self.embed_tokens(tokens)
         cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, kv_len)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)

@@ -23,15 +23,17 @@ from qrun.runtime.tokenizer import StreamDecoder, Tokenizer
 
 
 @torch.inference_mode()
-def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """tokens (B, T), input_pos (T,) -> logits of the last position (B, V) float32; fills the KV cache."""
-    return model(tokens, input_pos, last_only=True)[:, -1].float()
+def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    """tokens (B, T), input_pos (T,) -> logits of the last position (B, V) float32; fills the KV cache.
+    kv_len (host int): attend over cache positions [0, kv_len) only (see Transformer.forward)."""
+    return model(tokens, input_pos, last_only=True, kv_len=kv_len)[:, -1].float()
 
 
 @torch.inference_mode()
-def decode_one(model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """token (B, 1), input_pos (1,) -> logits (B, V) float32. Same shapes every step."""
-    return model(token, input_pos)[:, -1].float()
+def decode_one(model, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    """token (B, 1), input_pos (1,) -> logits (B, V) float32. With kv_len None, the same shapes every step
+    (what a CUDA graph captures); eager CPU decoding passes kv_len to skip the empty cache tail."""
+    return model(token, input_pos, kv_len=kv_len)[:, -1].float()
 
 
 @dataclass
@@ -85,8 +87,12 @@ class LLM:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device, self.max_seq_len, self.eos_ids = device, max_seq_len, set(eos_ids)
         self.header = header or {}
-        self.decode_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            lambda tok, pos: decode_one(self.model, tok, pos))
+        # (token (1, 1), input_pos (1,)) -> logits (1, V) float32. On a GPU the static-shape step (replaceable
+        # by a captured graph); on the CPU reading the position back is free, so attention skips the cache tail.
+        if device.type == "cpu":
+            self.decode_step = lambda tok, pos: decode_one(self.model, tok, pos, kv_len=int(pos[-1]) + 1)
+        else:
+            self.decode_step = lambda tok, pos: decode_one(self.model, tok, pos)
         self.stats = GenerationStats()
 
     # ------------------------------------------------------------------------------------------- input
@@ -129,7 +135,7 @@ class LLM:
             seen[0, tokens[0]] = True
 
         t0 = time.perf_counter()
-        logits = prefill(self.model, tokens, torch.arange(n, device=dev))
+        logits = prefill(self.model, tokens, torch.arange(n, device=dev), kv_len=n)
         tok = sample(logits, params, seen, gen)  # (1,)
         tid = int(tok.item())  # the one host sync per token: the id is needed for text and stop checks
         st.prefill_s = time.perf_counter() - t0
