@@ -89,8 +89,15 @@ def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
-    v = f.contents()
-    return v
+    if hasattr(f, "contents"):
+        return f.contents()
+    # gguf < 0.11 has no contents(): decode the value parts (strings are UTF-8 bytes, numbers 1-element arrays)
+    from gguf import GGUFValueType as T
+    conv = lambda part, t: bytes(part).decode("utf-8") if t == T.STRING else part.tolist()[0]  # noqa: E731
+    vals = [f.parts[i] for i in f.data]
+    if f.types[0] == T.ARRAY:
+        return [conv(v, f.types[-1]) for v in vals]
+    return conv(vals[0], f.types[0])
 
 
 class GGUFSource:
