@@ -229,6 +229,19 @@ def test_cli_cuda_without_gpu(capsys, model_path):
     assert rc == 1 and "no CUDA GPU" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("kind", ["no-tokenizer", "unknown-arch"])
+def test_cli_bad_model_file(capsys, tmp_path, tok, kind):
+    path = tm.tmpfile(tmp_path)
+    hf = tm.make_hf("llama", num_hidden_layers=1)
+    if kind == "no-tokenizer":
+        tm.write_stcmp(path, hf, {"tokenizer.json": None})
+    else:
+        tm.write_stcmp(path, hf, tm.tokenizer_files(tok), config_over={"model_type": "mamba"})
+    rc, out, err = _run(capsys, ["generate", "--model", path, "--device", "cpu", "--prompt", "x", "--no-progress"])
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert ("holds no tokenizer" if kind == "no-tokenizer" else "unsupported architecture 'mamba'") in err
+
+
 def test_cli_missing_model_file(capsys, tmp_path):
     rc, _, err = _run(capsys, ["generate", "--model", str(tmp_path / "nope.stcmp"), "--device", "cpu",
                                "--prompt", "x"])

@@ -82,8 +82,13 @@ def _bad_file(tmp_path, tok, hf, files=None, config_over=None, drop=()):
 def test_errors(tmp_path, tok, hf):
     with pytest.raises(QRunError, match="unsupported architecture 'gpt_neox'"):
         load(_bad_file(tmp_path, tok, hf, config_over={"model_type": "gpt_neox"}), progress=False)
+    no_tok = _bad_file(tmp_path, tok, hf, files={"tokenizer.json": None})
     with pytest.raises(QRunError, match="holds no tokenizer"):
-        load(_bad_file(tmp_path, tok, hf, files={"tokenizer.json": None}), progress=False)
+        load(no_tok, progress=False, require_tokenizer=True)
+    bare = load(no_tok, progress=False)  # benchmarks load random-weight files that carry no tokenizer
+    assert bare.tokenizer is None and bare.eos_ids == {2}
+    with pytest.raises(QRunError, match="holds no tokenizer"):
+        bare.generate("hi")
     with pytest.raises(QRunError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
         load(_bad_file(tmp_path, tok, hf, drop=("model.layers.1.mlp.up_proj.weight",)), progress=False)
     with pytest.raises(QRunError, match="no lm_head.weight"):

@@ -72,7 +72,7 @@ def _load(args):
             raise QRunError("no --model given and the demo model is not available in this install") from None
         path = demo_model_path(progress=not args.no_progress)
     return load(path, device=device, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                progress=not args.no_progress)
+                progress=not args.no_progress, require_tokenizer=True)
 
 
 def stats_line(st) -> str:

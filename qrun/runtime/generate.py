@@ -82,7 +82,7 @@ def _hold_stops(pieces: Iterator[str], stops: list[str], on_stop: Callable[[], N
 class LLM:
     """A loaded model ready to generate: .model (Transformer), .tokenizer, .config (config.json)."""
 
-    def __init__(self, model, tokenizer: Tokenizer, config: dict[str, Any], *, device: torch.device,
+    def __init__(self, model, tokenizer: Tokenizer | None, config: dict[str, Any], *, device: torch.device,
                  max_seq_len: int, eos_ids: set[int], header: dict[str, Any] | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device, self.max_seq_len, self.eos_ids = device, max_seq_len, set(eos_ids)
@@ -99,6 +99,9 @@ class LLM:
     def encode(self, prompt: str | None = None, *, messages: list[dict[str, Any]] | None = None,
                chat: bool = False) -> list[int]:
         """Prompt text, or chat messages (or chat=True on a prompt, as one user message) -> token ids."""
+        if self.tokenizer is None:
+            raise QRunError("this model file holds no tokenizer (tokenizer.json), so it cannot take text; "
+                            "convert it from a checkpoint directory that has one")
         if messages is None and prompt is None:
             raise QRunError("give a prompt or messages")
         if messages is not None or chat:

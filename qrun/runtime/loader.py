@@ -235,7 +235,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def eos_ids(header: dict[str, Any], tokenizer: Tokenizer) -> set[int]:
+def eos_ids(header: dict[str, Any], tokenizer: Tokenizer | None) -> set[int]:
     """EOS ids from generation_config.json, config.json and the tokenizer's eos_token (any may be a list)."""
     ids: set[int] = set()
     gen = (header.get("files") or {}).get("generation_config.json") or {}
@@ -244,7 +244,7 @@ def eos_ids(header: dict[str, Any], tokenizer: Tokenizer) -> set[int]:
             ids.add(src)
         elif isinstance(src, list):
             ids.update(x for x in src if isinstance(x, int))
-    tid = tokenizer.token_id(tokenizer.special_tokens.get("eos_token"))
+    tid = tokenizer and tokenizer.token_id(tokenizer.special_tokens.get("eos_token"))
     if tid is not None:
         ids.add(tid)
     return ids
@@ -252,11 +252,14 @@ def eos_ids(header: dict[str, Any], tokenizer: Tokenizer) -> set[int]:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max_seq_len: int | None = None,
          dtype: str | torch.dtype | None = None, *, dequantize: bool | None = None, progress: bool = True,
-         threads: int | None = None, prefetch_bytes: int = PREFETCH_BYTES) -> LLM:
+         threads: int | None = None, prefetch_bytes: int = PREFETCH_BYTES,
+         require_tokenizer: bool = False) -> LLM:
     """Load a .stcmp model. device: "cpu" | "cuda" | "cuda:N" | None (cuda if available).
     max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
     dtype: compute dtype (default bfloat16 on CUDA, float32 on the CPU).
-    dequantize: expand quantized weights to dense at load (default: on the CPU only)."""
+    dequantize: expand quantized weights to dense at load (default: on the CPU only).
+    A file without a tokenizer (random-weight benchmark models) loads with .tokenizer None, and the text
+    methods say so; require_tokenizer=True refuses it before any weight is read."""
     dev = resolve_device(device)
     if isinstance(dtype, str):
         if dtype not in _DTYPE_NAMES:
@@ -271,7 +274,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max
     if not isinstance(cfg, dict):
         raise QRunError(f"{reader.path}: the file holds no model config (a bare tensor archive?)")
     args = ModelArgs.from_config(cfg)
-    tokenizer = Tokenizer(header.get("files") or {}, source=reader.path)
+    files = header.get("files") or {}
+    tokenizer = Tokenizer(files, source=reader.path) if files.get("tokenizer.json") or require_tokenizer else None
 
     names = set(reader.tensors)
     args.qkv_bias = "model.layers.0.self_attn.q_proj.bias" in names  # the checkpoint decides
