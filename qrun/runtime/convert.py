@@ -329,6 +329,9 @@ def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], out: str, metadat
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

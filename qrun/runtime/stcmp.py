@@ -150,6 +150,9 @@ class Writer:
         self._f.write(FOOTER.pack(self._pos, len(blob), zlib.crc32(blob), FORMAT_VERSION, END_MAGIC))
         self._f.flush()
         os.fsync(self._f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(self._f.fileno(), 0o666 & ~umask)  # mkstemp made it 0600; give it a normal file's mode
         self._f.close()
         self._pool.shutdown()
         os.replace(self._tmp, self.path)
