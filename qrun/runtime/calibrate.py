@@ -304,3 +304,160 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, encoding: str = "int4_
     if Z is not None:
         parts["zeros"] = Z.squeeze(-1).to(torch.uint8).contiguous()
     return QuantizedTensor(encoding, (n, k), B, {p: t.cpu() for p, t in parts.items()})
+
+
+# ------------------------------------------------------------------------------ calibration over a model
+
+CALIB_CTX = 512  # tokens per calibration window
+DEFAULT_CALIB_TOKENS = 16384  # 32 windows: enough for stable Hessians of a small model, minutes on a CPU
+ACT_ORDER = True
+DAMP = 0.01
+
+# The HF linears of one decoder layer, grouped by the input they read (one Hessian per group), and the
+# model module whose input that is.
+_GROUPS = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.o_proj", ("self_attn.o_proj",)),
+    ("mlp.gate_up_proj.proj", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.down_proj", ("mlp.down_proj",)),
+)
+
+
+def read_calibration_tokens(tokenizer, text_path: str, n_tokens: int, ctx: int) -> torch.Tensor:
+    """The first n_tokens tokens of the file, cut into whole windows: (windows, ctx) long."""
+    from qrun.errors import QRunError
+    try:
+        with open(text_path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise QRunError(f"{text_path}: no such calibration text file") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise QRunError(f"{text_path}: not a UTF-8 text file ({type(e).__name__})") from None
+    if not text.strip():
+        raise QRunError(f"{text_path}: the calibration text is empty")
+    ids = tokenizer.encode(text, add_special_tokens=False)[:n_tokens]
+    if len(ids) < ctx:
+        raise QRunError(f"{text_path}: the calibration text has {len(ids)} tokens, fewer than one window of "
+                        f"{ctx}; give a longer text")
+    n = len(ids) // ctx
+    return torch.tensor(ids[: n * ctx], dtype=torch.long).reshape(n, ctx)
+
+
+def _layer(args, src, i: int, device) -> torch.nn.Module:
+    """Decoder layer i of the model (qrun/models/llama.py) with its BF16 weights from `src`, float32."""
+    from qrun.models.llama import TransformerBlock
+    p = f"model.layers.{i}."
+    g = lambda n: src.get(p + n).to(device=device, dtype=torch.float32)  # noqa: E731
+    block = TransformerBlock(args).to(device)
+    sd = {
+        "input_layernorm.weight": g("input_layernorm.weight"),
+        "post_attention_layernorm.weight": g("post_attention_layernorm.weight"),
+        "self_attn.qkv_proj.weight": torch.cat([g(f"self_attn.{x}_proj.weight") for x in "qkv"]),
+        "self_attn.o_proj.weight": g("self_attn.o_proj.weight"),
+        "mlp.gate_up_proj.proj.weight": torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")]),
+        "mlp.down_proj.weight": g("mlp.down_proj.weight"),
+    }
+    if args.qkv_bias:
+        sd["self_attn.qkv_proj.bias"] = torch.cat([g(f"self_attn.{x}_proj.bias") for x in "qkv"])
+    if args.o_bias:
+        sd["self_attn.o_proj.bias"] = g("self_attn.o_proj.bias")
+    block.load_state_dict(sd, strict=True, assign=True)
+    return block.eval()
+
+
+def _run(block, x: torch.Tensor, cos, sin, mask, batch: int) -> torch.Tensor:
+    """x (W, T, D) -> layer output (W, T, D), a few windows at a time to bound the MLP's activations."""
+    return torch.cat([block(x[j:j + batch], cos, sin, mask, None) for j in range(0, x.shape[0], batch)])
+
+
+def calibrate(src, text_path: str, opts, calib_tokens: int | None = None, progress: bool = True,
+              device: str | torch.device | None = None, act_order: bool = ACT_ORDER, damp: float = DAMP,
+              ctx: int = CALIB_CTX) -> dict[str, QuantizedTensor]:
+    """GPTQ-quantize every linear weight of `src` (a converter Source) on calibration text.
+
+    Returns {HF tensor name: QuantizedTensor} for `convert(..., quantized=)`. One decoder layer at a time:
+    its float32 weights, the activations of all calibration windows entering it (W, T, D), and one Hessian
+    per input (K, K) are all that is alive. Embeddings (when quantized) get the data-free clip search, an
+    untied lm_head gets GPTQ on the final hidden states.
+    """
+    from tqdm import tqdm
+
+    from qrun.errors import QRunError
+    from qrun.models.llama import ModelArgs, rope_tables
+    from qrun.quant import dequantize, quantize
+    from qrun.runtime.convert import tensor_encoding
+    from qrun.runtime.tokenizer import Tokenizer
+
+    if opts.bits == 16:
+        raise QRunError("--calibrate needs --bits 4 or 8 (there is nothing to calibrate at 16 bits)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scale_dtype = torch.float16 if opts.scale_dtype == "float16" else torch.float32
+    args = ModelArgs.from_config(src.config)
+    tokens = read_calibration_tokens(Tokenizer(src.files, "source"), text_path,
+                                     calib_tokens or DEFAULT_CALIB_TOKENS, ctx)
+    names = set(src.names())
+
+    def encoding_of(name: str) -> str | None:
+        return tensor_encoding(name, src.shape(name), src.dtype(name), opts) if name in names else None
+
+    def gptq(name: str, w: torch.Tensor, H: torch.Tensor, enc: str) -> QuantizedTensor:
+        return gptq_quantize(w, H, enc, opts.block_size, scale_dtype, opts.double_quant, act_order=act_order,
+                             damp=damp, name=name)
+
+    out: dict[str, QuantizedTensor] = {}
+    emb = src.get("model.embed_tokens.weight")
+    x = emb[tokens].to(device=device, dtype=torch.float32)  # (W, T, D): activations entering layer 0
+    enc = encoding_of("model.embed_tokens.weight")
+    if enc is not None:
+        w = emb.to(device=device, dtype=torch.float32)
+        out["model.embed_tokens.weight"] = quantize(w, enc, opts.block_size, scale_dtype, opts.double_quant,
+                                                    clip_ratio=mse_clip_ratio(w, enc, opts.block_size))
+    del emb
+    cos, sin = rope_tables(args, ctx, device)
+    mask = torch.ones(ctx, ctx, dtype=torch.bool, device=device).tril()
+    batch = 4 if device.type == "cpu" else 32
+
+    bar = tqdm(range(args.n_layers), desc="calibrate (GPTQ)", unit="layer", disable=not progress)
+    with torch.no_grad():
+        for i in bar:
+            block = _layer(args, src, i, device)
+            modules = dict(block.named_modules())
+            H = {m: None for m, _ in _GROUPS}
+
+            def hook(mod_name):
+                def f(_module, inp):
+                    a = inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float32)  # (tokens, K)
+                    H[mod_name] = a.T @ a if H[mod_name] is None else H[mod_name].addmm_(a.T, a)
+                return f
+            handles = [modules[m].register_forward_pre_hook(hook(m)) for m, _ in _GROUPS]
+            _run(block, x, cos, sin, mask, batch)  # collect the Hessians
+            for h in handles:
+                h.remove()
+
+            # Quantize each HF linear with its input's Hessian; put the dequantized weight back into the
+            # fused module so the next pass sees exactly what the kernels will compute.
+            for mod_name, hf in _GROUPS:
+                fused = modules[mod_name].weight
+                row = 0
+                for short in hf:
+                    name = f"model.layers.{i}.{short}.weight"
+                    n = src.shape(name)[0]
+                    enc = encoding_of(name)
+                    if enc is not None:
+                        qt = gptq(name, fused[row:row + n], H[mod_name], enc)
+                        out[name] = qt
+                        fused[row:row + n] = dequantize(qt).to(device)
+                    row += n
+            del H
+            x = _run(block, x, cos, sin, mask, batch)  # the quantized layer's outputs feed the next layer
+            del block
+
+        if "lm_head.weight" in names and encoding_of("lm_head.weight") is not None:
+            from qrun.models.llama import RMSNorm
+            norm = RMSNorm(args.dim, args.norm_eps).to(device)
+            norm.weight.copy_(src.get("model.norm.weight").to(torch.float32))
+            h = norm(x).reshape(-1, args.dim)
+            out["lm_head.weight"] = gptq("lm_head.weight", src.get("lm_head.weight").to(device, torch.float32),
+                                         h.T @ h, encoding_of("lm_head.weight"))
+    bar.close()
+    return out
