@@ -51,6 +51,10 @@ class Group:
     weights: list[str]  # file tensor names, in output-row order
     biases: list[str | None]
 
+    @property
+    def names(self) -> list[str]:
+        return self.weights + [b for b in self.biases if b]
+
 
 def plan(args: ModelArgs, names: set[str]) -> list[Group]:
     """The groups to load, in model order; raises a clear error for a missing tensor."""
@@ -75,7 +79,7 @@ def plan(args: ModelArgs, names: set[str]) -> list[Group]:
     elif not args.tie_embeddings:
         raise QRunError("the file has no lm_head.weight and its config does not tie the embeddings")
     for g in groups:
-        for n in g.weights + [b for b in g.biases if b]:
+        for n in g.names:
             if n not in names:
                 raise QRunError(f"the file is missing tensor {n!r}")
     return groups
@@ -275,7 +279,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max
         raise QRunError(f"{reader.path}: the file holds no model config (a bare tensor archive?)")
     args = ModelArgs.from_config(cfg)
     files = header.get("files") or {}
-    tokenizer = Tokenizer(files, source=reader.path) if files.get("tokenizer.json") or require_tokenizer else None
+    has_tok = bool(files.get("tokenizer.json"))
+    tokenizer = Tokenizer(files, source=reader.path) if has_tok or require_tokenizer else None
 
     names = set(reader.tensors)
     args.qkv_bias = "model.layers.0.self_attn.q_proj.bias" in names  # the checkpoint decides
@@ -294,36 +299,32 @@ def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max
     model.eval()
 
     builder = _Builder(reader, dtype, dequantize)
-    needed = [n for g in groups for n in g.weights + [b for b in g.biases if b]]
-    items = [(n, part) for n in needed for part in reader.info(n).entry["parts"]]
-    left = {g.target: len(set(g.weights + [b for b in g.biases if b])) for g in groups}
-    owner: dict[str, list[Group]] = {}
-    for g in groups:
-        for n in set(g.weights + [b for b in g.biases if b]):
-            owner.setdefault(n, []).append(g)
-    parts_left = {n: len(reader.info(n).entry["parts"]) for n in needed}
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    group_of = {n: g for g in groups for n in g.names}  # every file tensor fills exactly one module
+    tensors_left = {g.target: len(g.names) for g in groups}
+    parts_left = {n: len(reader.info(n).entry["parts"]) for n in group_of}
+    items = [(n, part) for n in group_of for part in reader.info(n).entry["parts"]]  # in model order
+    tensors: dict[str, dict[str, torch.Tensor]] = {}  # arrived parts of modules not yet built
 
     from tqdm import tqdm
-    total = sum(reader.info(n).raw_bytes for n in dict.fromkeys(needed))
+    total = sum(reader.info(n).raw_bytes for n in group_of)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr, disable=not progress,
                leave=False)
     pin = dev.type == "cuda"
     threads = threads or min(8, os.cpu_count() or 1)
     try:
-        for name, part, host in _Prefetcher(reader, list(dict.fromkeys(items)), pin, threads, prefetch_bytes):
+        for name, part, host in _Prefetcher(reader, items, pin, threads, prefetch_bytes):
+            # Non-blocking from pinned memory: the copy runs while the pool decompresses the next parts.
             tensors.setdefault(name, {})[part] = host.to(dev, non_blocking=True) if pin else host
             bar.update(host.numel() * host.element_size())
             parts_left[name] -= 1
             if parts_left[name]:
                 continue
-            for g in owner[name]:
-                left[g.target] -= 1
-                if left[g.target] == 0:
-                    _install(model, builder, g, tensors)
-                    for n in g.weights + [b for b in g.biases if b]:
-                        if all(left[o.target] == 0 for o in owner[n]):
-                            tensors.pop(n, None)  # device copies now live in the module only
+            g = group_of[name]
+            tensors_left[g.target] -= 1
+            if tensors_left[g.target] == 0:
+                _install(model, builder, g, tensors)
+                for n in g.names:
+                    del tensors[n]  # the stored parts now live in the module only (or were expanded)
     finally:
         bar.close()
 
