@@ -70,7 +70,8 @@ def test_cli_bad_text(run_cli, bf16_model, tmp_path, content, msg):
     rc, out, err = run_cli("eval", "perplexity", "--model", bf16_model, "--text", text, "--ctx", 32,
                            "--device", "cpu")
     assert rc == 1 and out == ""
-    assert err.startswith("qrun: error:") and msg in err and err.count("\n") == 1
+    line = err.split("\r")[-1]  # after the loader's progress bar, if any
+    assert line.startswith("qrun: error:") and msg in line and line.count("\n") == 1
 
 
 def test_cli_missing_files(run_cli, bf16_model, tmp_path):
