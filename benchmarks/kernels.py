@@ -174,7 +174,9 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
         fns, nbytes = make_ours(k, n, silu, m, copies_for(n * k // 2))
         t_ours = ms_graph(fns)
         diag = kernel_facts(ops.LAST["gemv" if m == 1 else "gemm"])
-        diag["config"] = {k_: v for k_, v in list(ops._tuned.values())[-1].items()}
+        diag["config"] = dict(ops.LAST["gemv_cfg" if m == 1 else "gemm_cfg"])
+        if m > 1:
+            diag["split_k"] = ops.LAST["gemm_split"]
         t_eager = ms_eager(fns[0]) if m == 1 else None
         del fns
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(nc_b, nc_i))]

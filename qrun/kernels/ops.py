@@ -71,16 +71,14 @@ def _check(x, qweight, scales, zeros, encoding, block_size, in_features):
 def _gemv_candidates(encoding, block_size, nb):
     hb = block_size if encoding == "int8_sym" else block_size // 2
     out = []
-    # (rows, packed bytes per row per step, warps): 16 or 32 bytes per thread per row per step
-    for bn, row_bytes, warps in ((8, 512, 1), (4, 512, 1), (16, 512, 1), (8, 1024, 1), (8, 1024, 2),
-                                 (4, 1024, 2), (16, 1024, 2), (4, 2048, 4)):
+    # (rows, packed bytes per row per step, warps, stages): 16 to 64 bytes per thread per step
+    for bn, row_bytes, warps, stages in ((8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2), (4, 1024, 4, 3),
+                                         (16, 256, 4, 3), (32, 256, 8, 2), (16, 1024, 8, 2), (8, 256, 4, 4)):
         g = max(1, row_bytes // hb)
         g = min(g, triton_next_pow2(nb))
-        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=1)
+        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=stages)
         if c not in out:
             out.append(c)
-    if INTERPRET:  # few unrolled rows keep the interpreter fast; 4 still leaves a ragged last program
-        out = [dict(out[0], BLOCK_N=4)]
     return out
 
 
@@ -138,7 +136,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             LAST["gemv"] = gemv_kernel[grid](x2, qweight, scales, z, code, b, out, n_out, k, nb, qweight.stride(0),
                               scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
                               HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET, **c)
-        cfg = _pick((dev, "gemv") + common, _gemv_candidates(encoding, block_size, nb), launch)
+        cfg = LAST["gemv_cfg"] = _pick((dev, "gemv") + common, _gemv_candidates(encoding, block_size, nb), launch)
         launch(cfg)
         return y.reshape(*lead, n_out)
 
@@ -148,7 +146,9 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
 
     def split_of(c):
         # Split K only when the tile grid cannot fill the GPU and each split keeps >= 4 K tiles.
-        if silu or INTERPRET:
+        # M <= 64 only: at M = 300 (3 M tiles, K = 18944) the atomic split gave non-finite outputs on the
+        # H100 (triton 3.6), cause not found; large M fills the GPU with M tiles anyway.
+        if silu or INTERPRET or m > 64:
             return 1
         tiles = triton_cdiv(n_out, c["BLOCK_N"]) * triton_cdiv(m, c["BLOCK_M"])
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -167,7 +167,8 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                           INTERPRET=INTERPRET, **c)
         return out
 
-    cfg = _pick((dev, "gemm", mb) + common, cands, launch)
+    cfg = LAST["gemm_cfg"] = _pick((dev, "gemm", mb) + common, cands, launch)
+    LAST["gemm_split"] = split_of(cfg)
     out = launch(cfg)
     if out is not y:
         y.copy_(out)
