@@ -260,3 +260,25 @@ def test_cli_chat_session(capsys, llm, model_path, monkeypatch):
                                     {"role": "assistant", "content": first},
                                     {"role": "user", "content": "second turn"}], max_new_tokens=6, temperature=0)
     assert replies == [first, first, second]  # /reset really forgot the first turn; history is kept otherwise
+
+
+@pytest.mark.slow
+def test_demo_greedy_matches_transformers():
+    """The demo model (INT4): greedy text equals transformers' on the same dequantized weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from qrun.runtime import demo
+    try:
+        path = demo.demo_model_path(progress=False)
+    except Exception as e:  # offline
+        pytest.skip(f"demo model not available: {e}")
+    llm = qrun.load(path, device="cpu", max_seq_len=128, progress=False)
+    hf = LlamaForCausalLM(LlamaConfig(**llm.config)).float().eval()
+    hf.load_state_dict(tm.file_weights(path), strict=True)
+    ids = llm.encode("What is the capital of France?", chat=True)
+    ours = list(llm.generate_ids(ids, SamplingParams(max_new_tokens=24, temperature=0)))
+    with torch.inference_mode():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                             eos_token_id=sorted(llm.eos_ids), pad_token_id=0)[0, len(ids):].tolist()
+    theirs = theirs[:next((i for i, t in enumerate(theirs) if t in llm.eos_ids), len(theirs))]
+    assert ours == theirs and len(ours) >= 5
+    assert "Paris" in llm.tokenizer.decode(ours)

@@ -9,9 +9,7 @@ import torch
 import qrun
 import tiny_models as tm
 from qrun.errors import QRunError
-from qrun.quant import dequantize_parts
 from qrun.runtime.loader import load, resolve_device
-from qrun.runtime.stcmp import Reader
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +26,6 @@ def _ids():
     return torch.randint(0, tm.VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
 
 
-def _file_weights(path):
-    """Every tensor of a .stcmp as our reference dequantization reads it: the oracle's weights."""
-    out = {}
-    with Reader(path) as r:
-        for name, t in r.tensors.items():
-            parts = r.read_parts(name)
-            out[name] = parts["data"].float() if "data" in parts else dequantize_parts(
-                t.encoding, parts, tuple(t.shape), t.entry["block_size"])
-    if "lm_head.weight" not in out:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
-
-
 @pytest.mark.parametrize("bits,scheme,emb", [(8, "sym", "int8"), (4, "asym", "keep"), (16, "sym", "keep")])
 def test_converter_round_trip(tmp_path, tok, hf, bits, scheme, emb):
     """HF dir -> qrun.runtime.convert.convert -> qrun.load matches transformers on the file's weights."""
@@ -51,7 +36,7 @@ def test_converter_round_trip(tmp_path, tok, hf, bits, scheme, emb):
     path = str(tmp_path / "m.stcmp")
     convert(str(src), path, ConvertOptions(bits=bits, block_size=32, scheme=scheme, embeddings=emb),
             progress=False)
-    oracle = tm.set_weights(tm.make_hf("llama", tie_word_embeddings=True), _file_weights(path))
+    oracle = tm.set_weights(tm.make_hf("llama", tie_word_embeddings=True), tm.file_weights(path))
     for dequantize in (False, True):
         llm = load(path, device="cpu", dtype=torch.float32, dequantize=dequantize, progress=False)
         with torch.inference_mode():

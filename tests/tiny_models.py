@@ -113,5 +113,20 @@ def set_weights(hf_model, ref):
     return hf_model
 
 
+def file_weights(path):
+    """Every tensor of a .stcmp as our reference dequantization reads it (float32): the oracle's weights."""
+    from qrun.quant import dequantize_parts
+    from qrun.runtime.stcmp import Reader
+    out = {}
+    with Reader(path) as r:
+        for name, t in r.tensors.items():
+            parts = r.read_parts(name)
+            out[name] = parts["data"].float() if "data" in parts else dequantize_parts(
+                t.encoding, parts, tuple(t.shape), t.entry["block_size"])
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
 def tmpfile(tmp_path, name="m.stcmp"):
     return os.fspath(tmp_path / name)
