@@ -271,13 +271,13 @@ def test_demo_greedy_matches_transformers():
         path = demo.demo_model_path(progress=False)
     except Exception as e:  # offline
         pytest.skip(f"demo model not available: {e}")
-    llm = qrun.load(path, device="cpu", max_seq_len=128, progress=False)
+    llm = qrun.load(path, device="cpu", max_seq_len=64, progress=False)
     hf = LlamaForCausalLM(LlamaConfig(**llm.config)).float().eval()
     hf.load_state_dict(tm.file_weights(path), strict=True)
     ids = llm.encode("What is the capital of France?", chat=True)
-    ours = list(llm.generate_ids(ids, SamplingParams(max_new_tokens=24, temperature=0)))
+    ours = list(llm.generate_ids(ids, SamplingParams(max_new_tokens=12, temperature=0)))
     with torch.inference_mode():
-        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                              eos_token_id=sorted(llm.eos_ids), pad_token_id=0)[0, len(ids):].tolist()
     theirs = theirs[:next((i for i, t in enumerate(theirs) if t in llm.eos_ids), len(theirs))]
     assert ours == theirs and len(ours) >= 5
