@@ -148,8 +148,8 @@ def bench_hf(path: str, dev: torch.device, prompt: torch.Tensor, gen_len: int, r
     r = Reader(path)
     cfg = transformers.AutoConfig.for_model(**r.config)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+    with torch.device(dev):  # random init on the device itself (fast on a GPU), then overwritten
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state = {}
     for name, info in r.tensors.items():
         parts = r.read_parts(name, threads=8)
@@ -160,13 +160,11 @@ def bench_hf(path: str, dev: torch.device, prompt: torch.Tensor, gen_len: int, r
                 parts = {**parts, "scales": effective_scales(parts).half()}
             parts = {k: v.to(dev) for k, v in parts.items()}
             state[name] = dequantize_parts(info.encoding, parts, tuple(info.shape), info.entry["block_size"], dtype)
-    hf.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        hf.tie_weights()
-    hf.to(dev).eval()
-    rope = getattr(hf.model, "rotary_emb", None)
-    if rope is not None:  # buffers created on meta: rebuild them on the device
-        hf.model.rotary_emb = type(rope)(config=cfg, device=dev)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or any(m != "lm_head.weight" for m in missing):
+        raise QRunError(f"transformers' model does not match the file: missing {missing}, unexpected {unexpected}")
+    hf.eval()
+    del state
     times = []
     for i in range(runs + 1):
         _sync(dev)

@@ -3,7 +3,7 @@
 `qrun convert --random qwen2.5-7b -o x.stcmp` writes a model whose linear weights are random codes with
 random block scales (drawn directly in the quantized domain: quantizing 7B random floats would take minutes
 on a CPU and measures nothing extra), and whose norms and embeddings are random floats. Speed depends only
-on shapes and formats, so these files time exactly like real ones. They carry no tokenizer.
+on shapes and formats, so these files time exactly like real ones. They carry a 256-token byte-level tokenizer.
 """
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ def named_config(name: str) -> dict:
     return cfg
 
 
+def byte_tokenizer_json() -> str:
+    """A 256-token byte-level BPE with no merges: enough to load and run a random model (bench feeds token
+    ids; text in and out still round-trips byte by byte)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok.to_str()
+
+
 class RandomSource:
     """A Source (see convert.py) of random bf16 tensors with the names and shapes of a real checkpoint."""
 
@@ -54,7 +65,7 @@ class RandomSource:
 
     def __init__(self, name: str, seed: int = 0):
         self.config = named_config(name)
-        self.files: dict = {"tokenizer.json": None, "tokenizer_config.json": None,
+        self.files: dict = {"tokenizer.json": byte_tokenizer_json(), "tokenizer_config.json": None,
                             "generation_config.json": None, "chat_template": None}
         self.seed = seed
         c = self.config

@@ -1,0 +1,71 @@
+"""End-to-end decode benchmark at real sizes (issue 5), run on the GPU machine:
+
+    python3 benchmarks/decode.py [--configs qwen2-0.5b,qwen2.5-7b] [--out DIR] [--hf]
+
+For each config it writes a random-weight INT4 g128 .stcmp (`qrun convert --random`), then runs `qrun bench`
+in a fresh process: CUDA graph on and off, prefill of 1024 tokens, and optionally Hugging Face transformers
+(BF16, eager) on the same weights. Prints one table; JSON lines go to DIR/decode.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def qrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qrun.cli.main", *args], capture_output=True, text=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="qwen2-0.5b,qwen2.5-7b")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--workdir", default="/tmp/qrun-bench")
+    ap.add_argument("--hf", action="store_true", help="also time transformers BF16 on the same weights")
+    ap.add_argument("--gen-len", type=int, default=256)
+    a = ap.parse_args()
+    os.makedirs(a.workdir, exist_ok=True)
+    rows = []
+    log = open(os.path.join(a.out, "decode.jsonl"), "a")
+    for cfg in a.configs.split(","):
+        path = os.path.join(a.workdir, f"{cfg}.stcmp")
+        t = time.perf_counter()
+        p = qrun("convert", "--random", cfg, "-o", path, "-q")
+        print(f"[{cfg}] convert {time.perf_counter() - t:.1f} s rc={p.returncode} {p.stderr.strip()[-300:]}",
+              flush=True)
+        if p.returncode:
+            continue
+        runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
+                ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
+                ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"])]
+        if a.hf:
+            runs.append(("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"]))
+        for label, extra in runs:
+            p = qrun("bench", "--model", path, "--device", "cuda", "--json", *extra)
+            if p.returncode:
+                print(f"[{cfg}] {label}: FAILED {p.stderr.strip()[-500:]}", flush=True)
+                continue
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            r.update(config=cfg, run=label)
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+            rows.append(r)
+            print(f"[{cfg}] {label}: decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.0f} tok/s, "
+                  f"load {r['load_s']:.2f} s, {r['achieved_gbps']:.0f} GB/s", flush=True)
+    print("\n| config | run | load s | TTFT ms | prefill tok/s | decode tok/s | MB/token | GB/s | % of copy | peak GiB | HF tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        hf = f"{r['hf']['decode_tok_s']:.1f}" if "hf" in r else ""
+        print(f"| {r['config']} | {r['run']} | {r['load_s']:.2f} | {r['ttft_s'] * 1e3:.1f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['decode_tok_s']:.1f} | {r['bytes_per_token']['total'] / 1e6:.0f} | {r['achieved_gbps']:.0f} | "
+              f"{r['pct_of_copy']:.0f} | {r['peak_gpu_bytes'] / 2**30:.2f} | {hf} |")
+    if rows:
+        print(f"\ndevice: {rows[0]['device']}, copy bandwidth {rows[0]['copy_gbps']:.0f} GB/s (read + write)")
+
+
+if __name__ == "__main__":
+    main()
