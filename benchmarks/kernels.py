@@ -208,8 +208,9 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--m", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
+    ap.add_argument("--quick", action="store_true", help="M = 1 and 1024 only (saves device time)")
     args = ap.parse_args()
-    ms = [int(v) for v in args.m.split(",")]
+    ms = [1, 1024] if args.quick else [int(v) for v in args.m.split(",")]
     shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes.split(","))]
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)

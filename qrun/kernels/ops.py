@@ -17,6 +17,7 @@ from qrun.quant import NF4_CODE
 
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
+from .gemv4 import gemv_int4_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
@@ -82,6 +83,21 @@ def _gemv_candidates(encoding, block_size, nb):
     return out
 
 
+def _gemv4_candidates(block_size, nb):
+    """(BLOCK_N rows per thread, K per step, warps): K per step = 32 * threads along K (one 16-byte load of
+    4 words = 32 k per thread per row), so every thread holds all BLOCK_N rows and the warps split K."""
+    out = []
+    for bn, kstep, warps in ((8, 4096, 4), (4, 4096, 4), (16, 2048, 2), (8, 2048, 2), (4, 1024, 1),
+                             (8, 1024, 1), (16, 1024, 1), (2, 8192, 8), (4, 2048, 2)):
+        g = max(1, min(kstep // block_size, triton_next_pow2(nb)))
+        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=1)
+        if c not in out:
+            out.append(c)
+    if INTERPRET:
+        out = [dict(BLOCK_N=4, G=2, num_warps=1, num_stages=1)]
+    return out
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -129,6 +145,24 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     b = bias if bias is not None else scales
     dev = x.device.index if x.device.type == "cuda" else -1
     common = (encoding, block_size, x.dtype, scales.dtype, n, k, bias is not None, silu)
+
+    w32 = None
+    if m == 1 and encoding in ("int4_sym", "int4_asym"):
+        try:  # the packed bytes as int32 words (no copy: Kp/2 is a multiple of 16 bytes for B >= 32)
+            w32 = qweight.view(torch.int32)
+        except RuntimeError:  # a view at an odd byte offset: the byte-wise GEMV below
+            pass
+    if w32 is not None:
+
+        def launch(c, out=y):
+            grid = (triton_cdiv(n_out, c["BLOCK_N"]),)
+            LAST["gemv"] = gemv_int4_kernel[grid](x2, w32, scales, z, b, out, n_out, k, nb, w32.stride(0),
+                                                  scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
+                                                  HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET,
+                                                  **c)
+        cfg = LAST["gemv_cfg"] = _pick((dev, "gemv4") + common, _gemv4_candidates(block_size, nb), launch)
+        launch(cfg)
+        return y.reshape(*lead, n_out)
 
     if m == 1:
         def launch(c, out=y):

@@ -1,0 +1,174 @@
+"""Decode GEMV (M = 1) for int4_sym / int4_asym on whole 32-bit words: y (N,) = dequant(W) (N, K) @ x (K,).
+
+The canonical packed weight (N, Kp/2) uint8 is read as (N, Kp/8) int32 words (a free .view: Kp is a multiple
+of the block size B >= 32). Word w of a row holds k = 8w .. 8w+7, element 8w+i in bits 4i..4i+3 (low nibble
+= even k, little-endian bytes). Each thread loads 4 consecutive words of a row (one 16-byte vector load).
+
+Nibble -> float32 without I2F and with one LOP3 per weight: the nibble is masked into a fixed mantissa
+window of a float whose exponent makes one mantissa step worth exactly 1:
+
+    bits 16..19 under exponent 2^7  (0x43000000 | (t & 0x000F0000)) = 128 + u      (even i)
+    bits 12..15 under exponent 2^11 (0x45000000 | (t & 0x0000F000)) = 2048 + u     (odd i)
+
+where t is the word shifted so that nibble i sits in the window: t = w << 16 (i = 0), w << 8 (i = 1, 2),
+w (i = 3, 4), w >> 8 (i = 5, 6), w >> 16 (i = 7): 4 shifts per 8 weights. For int4_sym the word is first
+XORed with 0x88888888 (two's complement q -> u = q + 8). With base_i the float's offset (128 or 2048):
+
+    sum_k q_k x_k = sum_k f_k x_k - C,   C = sum_k (base_k + 8) x_k        (int4_sym; +z and z*sum x for asym)
+
+C depends on x only, so it is computed once per word position and shared by every row a thread holds
+(each thread holds BLOCK_N rows: the x slice is loaded and converted once per step for all of them).
+Per weight: ~1/2 shift + 1 LOP3 + 1 FFMA; per word per row 1 more FFMA for the block scale. The fp32
+cancellation costs ~11 bits of the 24 (offset 2048 against values of size ~8): ~1e-5 relative error.
+
+Tile per step: (BLOCK_N rows, G blocks, B/8 words). Triton lays threads and warps out from the contiguous
+dimension first, so with G * B/32 >= 32 * num_warps every thread holds all BLOCK_N rows of its 4 words and
+the warps split K inside the program (reduced once at the end). The next step's words and scales are
+loaded before the current step is computed (two steps of loads in flight per thread).
+With SILU the program computes gate rows n and up rows n + N_OUT in the same loop (x shared) and writes
+silu(gate) * up.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dequant import cast
+
+SIGN_FLIP = -0x77777778  # 0x88888888 as int32: flips the sign bit of all 8 nibbles (q -> q + 8)
+LO_EXP = 0x43000000      # 2^7:  mantissa bit 16 is worth 1
+HI_EXP = 0x45000000      # 2^11: mantissa bit 12 is worth 1
+
+
+@triton.jit
+def _load_words(w_ptr, s_ptr, rows, g0, NB, stride_wn, stride_sn,
+                B: tl.constexpr, G: tl.constexpr):
+    """(ROWS, G, T, 4) int32 words (T = B/32 threads per block, 4 consecutive words = one 16-byte load per
+    thread) and (ROWS, G) float32 scales of blocks g0 .. g0+G-1 (masked past NB)."""
+    WPB: tl.constexpr = B // 8
+    T: tl.constexpr = WPB // 4
+    gi = g0 + tl.arange(0, G)
+    gm = gi < NB
+    col = (gi[:, None, None] * WPB + tl.arange(0, T)[None, :, None] * 4
+           + tl.arange(0, 4)[None, None, :])                                   # (G, T, 4) word index
+    roff = tl.multiple_of(rows * stride_wn, WPB)                               # rows are B/8-word aligned
+    w = tl.load(w_ptr + roff[:, None, None, None] + col[None, :, :, :], mask=gm[None, :, None, None], other=0)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + gi[None, :], mask=gm[None, :], other=0.0)
+    return w, s.to(tl.float32)
+
+
+@triton.jit
+def _split8(v):
+    """(..., 8) -> its 8 slices along the last (in-thread) dimension."""
+    a, b = tl.split(tl.reshape(v, v.shape[:-1] + (4, 2)))       # even / odd i
+    a0, a1 = tl.split(tl.reshape(a, a.shape[:-1] + (2, 2)))     # i = 0,4 | 2,6
+    b0, b1 = tl.split(tl.reshape(b, b.shape[:-1] + (2, 2)))     # i = 1,5 | 3,7
+    x0, x4 = tl.split(a0)
+    x2, x6 = tl.split(a1)
+    x1, x5 = tl.split(b0)
+    x3, x7 = tl.split(b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _nibbles(w, SYM: tl.constexpr, ASM: tl.constexpr):
+    """(...) int32 words -> 8 float32 tensors f_i = 128 + u_i, u_i = nibble i (k = 8 word + i), XORed with 8
+    for int4_sym. GPU: one PRMT per weight (byte b of the even/odd-nibble word moved under a 2^7 exponent).
+    Interpreter (no inline asm there): the same values with shifts and masks."""
+    if ASM:
+        if SYM:
+            pre: tl.constexpr = "xor.b32 w, $8, 0x88888888; "
+        else:
+            pre: tl.constexpr = "mov.b32 w, $8; "
+        f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+            "{ .reg .b32 w, e, o, c; " + pre +
+            "mov.b32 c, 0x43000000; and.b32 e, w, 0x0F0F0F0F; shr.u32 o, w, 4; and.b32 o, o, 0x0F0F0F0F; "
+            "prmt.b32 $0, e, c, 0x7044; prmt.b32 $1, o, c, 0x7044; "
+            "prmt.b32 $2, e, c, 0x7144; prmt.b32 $3, o, c, 0x7144; "
+            "prmt.b32 $4, e, c, 0x7244; prmt.b32 $5, o, c, 0x7244; "
+            "prmt.b32 $6, e, c, 0x7344; prmt.b32 $7, o, c, 0x7344; }",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    else:
+        if SYM:
+            w = w ^ -0x77777778
+        f0 = ((w & 0xF) << 16) | 0x43000000
+        f1 = (((w >> 4) & 0xF) << 16) | 0x43000000
+        f2 = (((w >> 8) & 0xF) << 16) | 0x43000000
+        f3 = (((w >> 12) & 0xF) << 16) | 0x43000000
+        f4 = ((w & 0xF0000) | 0x43000000)
+        f5 = (((w >> 20) & 0xF) << 16) | 0x43000000
+        f6 = (((w >> 24) & 0xF) << 16) | 0x43000000
+        f7 = (((w >> 28) & 0xF) << 16) | 0x43000000
+    return (f0.to(tl.float32, bitcast=True), f1.to(tl.float32, bitcast=True),
+            f2.to(tl.float32, bitcast=True), f3.to(tl.float32, bitcast=True),
+            f4.to(tl.float32, bitcast=True), f5.to(tl.float32, bitcast=True),
+            f6.to(tl.float32, bitcast=True), f7.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, K, NB, stride_wn, stride_sn, stride_zn,
+               ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+    """float32 (ROWS,) dot products of the weight rows `rows` (all valid) with x."""
+    WPB: tl.constexpr = B // 8
+    T: tl.constexpr = WPB // 4
+    kx = (tl.arange(0, G)[:, None, None, None] * B + tl.arange(0, T)[None, :, None, None] * 32
+          + tl.arange(0, 4)[None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, :])  # (G, T, 4, 8)
+    acc = tl.zeros((rows.shape[0], G, T), tl.float32)
+    w, s = _load_words(w_ptr, s_ptr, rows, 0, NB, stride_wn, stride_sn, B, G)
+    for g0 in range(0, NB, G):
+        # next step's loads first: they fly while this step computes
+        w_n, s_n = _load_words(w_ptr, s_ptr, rows, g0 + G, NB, stride_wn, stride_sn, B, G)
+        kk = g0 * B + kx
+        xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)         # (G, T, 4, 8)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                            # (G, T, 4) each
+        # every f_i = 128 + u_i: sum_k q_k x_k = sum_k f_k x_k - (128 + offset) sum_k x_k
+        xs = (x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7)                         # (G, T, 4)
+        f0, f1, f2, f3, f4, f5, f6, f7 = _nibbles(w, ENC == "int4_sym", ASM)   # (ROWS, G, T, 4) each
+        if ENC == "int4_sym":
+            cx = 136.0 * xs
+        else:
+            cx = 128.0 * xs
+        part = f0 * x0[None] - cx[None]
+        part += f1 * x1[None]
+        part += f2 * x2[None]
+        part += f3 * x3[None]
+        part += f4 * x4[None]
+        part += f5 * x5[None]
+        part += f6 * x6[None]
+        part += f7 * x7[None]
+        part = tl.sum(part, axis=3)                                             # in-thread: (ROWS, G, T)
+        if ENC == "int4_asym":
+            gi = g0 + tl.arange(0, G)
+            z = tl.load(z_ptr + rows[:, None] * stride_zn + gi[None, :], mask=(gi < NB)[None, :],
+                        other=0).to(tl.float32)
+            part -= z[:, :, None] * tl.sum(xs, axis=2)[None, :, :]
+        acc += part * s[:, :, None]
+        w, s = w_n, s_n
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def gemv_int4_kernel(
+    # pointers: x (K,), W as int32 words (N, KP/8), scales (N, NB), zeros (N, NB) or dummy,
+    # bias (N_OUT,) or dummy, y (N_OUT,)
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    # sizes and strides (elements; stride_wn in int32 words)
+    N_OUT, K, NB, stride_wn, stride_sn, stride_zn,
+    # meta
+    ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_N: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr = False,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N_OUT
+    rl = tl.minimum(rows, N_OUT - 1)  # clamped: every load is in bounds, no row mask on the weight loads
+    if SILU:
+        # gate row r and up row r + N_OUT side by side: (2 * BLOCK_N,) rows, one pass over x
+        both = tl.reshape(rl[:, None] + (tl.arange(0, 2) * N_OUT)[None, :], (2 * BLOCK_N,))
+        acc2 = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, both, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
+        gate, up = tl.split(tl.reshape(acc2, (BLOCK_N, 2)))
+        acc = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        acc = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rl, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)
