@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--hf", action="store_true", help="also time transformers BF16 on the same weights")
     ap.add_argument("--gen-len", type=int, default=256)
+    ap.add_argument("--runs", default="graph,graph+compile,eager,prefill1024,hf", help="which runs to make")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -40,11 +41,14 @@ def main() -> None:
         if p.returncode:
             continue
         runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
+                ("graph+compile", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--compile"]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
                 ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"])]
         if a.hf:
             runs.append(("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"]))
         for label, extra in runs:
+            if label not in a.runs.split(","):
+                continue
             p = qrun("bench", "--model", path, "--device", "cuda", "--json", *extra)
             if p.returncode:
                 print(f"[{cfg}] {label}: FAILED {p.stderr.strip()[-500:]}", flush=True)
@@ -55,6 +59,7 @@ def main() -> None:
             log.flush()
             rows.append(r)
             print(f"[{cfg}] {label}: decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.0f} tok/s, "
+                  f"warm-up {r['warmup_s']:.1f} s, "
                   f"load {r['load_s']:.2f} s, {r['achieved_gbps']:.0f} GB/s", flush=True)
     print("\n| config | run | load s | TTFT ms | prefill tok/s | decode tok/s | MB/token | GB/s | % of copy | peak GiB | HF tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

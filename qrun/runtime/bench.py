@@ -64,7 +64,7 @@ def bytes_per_token(model, batch: int, context: int) -> dict[str, int]:
 @torch.inference_mode()
 def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: int = 128, batch: int = 1,
           runs: int = 3, graph: bool = True, max_seq_len: int | None = None, compare_hf: bool = False,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, compile: bool = False) -> dict[str, Any]:
     import qrun
     from qrun.runtime.generate import prefill
     from qrun.runtime.loader import resolve_device
@@ -80,15 +80,13 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     max_seq_len = max_seq_len or (prompt_len + gen_len)
     _sync(dev)
     t0 = time.perf_counter()
-    llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress)
+    llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress, graph=graph,
+                    compile=compile)
     _sync(dev)
     load_s = time.perf_counter() - t0
     model = llm.model
     vocab = model.args.vocab_size
     step = llm.decode_step
-    if graph and dev.type == "cuda":
-        from qrun.runtime.cuda_graph import GraphedDecodeStep
-        step = llm.decode_step = GraphedDecodeStep(llm.decode_step)
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g).to(dev)
@@ -111,14 +109,17 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
         dec = time.perf_counter() - t
         return ttft, (gen_len - 1) / dec
 
-    one_run()  # warm-up: Triton autotuning, graph capture
+    t = time.perf_counter()
+    one_run()  # warm-up: Triton autotuning, compilation, graph capture
+    warmup_s = time.perf_counter() - t
     results = [one_run() for _ in range(runs)]
     ttft = statistics.median(r[0] for r in results)
     decode_tok_s = statistics.median(r[1] for r in results)
     bpt = bytes_per_token(model, batch, prompt_len + gen_len // 2)
     out = {"model": path, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "max_seq_len": max_seq_len,
-           "cuda_graph": bool(graph and dev.type == "cuda"),
+           "cuda_graph": bool(graph and dev.type == "cuda"), "compile": bool(compile and dev.type == "cuda"),
+           "warmup_s": warmup_s,
            "load_s": load_s, "ttft_s": ttft, "prefill_tok_s": prompt_len / ttft,
            "decode_tok_s": decode_tok_s,
            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
