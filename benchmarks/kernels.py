@@ -203,12 +203,39 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
     torch.cuda.empty_cache()
 
 
+def sweep_gemv4(shapes):
+    """M = 1: time every word-GEMV candidate config on each shape (graph, rotated copies); -> printable lines."""
+    lines = []
+    orig = ops._gemv4_candidates
+    for name, k, n, silu in shapes:
+        nb = -(-k // BLOCK)
+        res = []
+        for cfg in orig(BLOCK, nb):
+            ops._gemv4_candidates = lambda *a, c=cfg: [c]
+            try:
+                fns, _ = make_ours(k, n, silu, 1, copies_for(n * k // 2))
+                t = ms_graph(fns) * 1e3
+            except Exception as e:  # noqa: BLE001  (a config the compiler rejects)
+                t = float("nan")
+                print(f"  {name} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            finally:
+                ops._gemv4_candidates = orig
+            res.append((t, cfg))
+            del fns
+        res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
+        lines.append(f"{name:14s} " + "  ".join(f"{t:.2f}us {c['BLOCK_N']}/{c['G']}/{c['num_warps']}w/{c['STAGES']}s"
+                                            for t, c in res[:6]))
+        print("  sweep " + lines[-1], flush=True)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--m", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
     ap.add_argument("--quick", action="store_true", help="M = 1 and 1024 only (saves device time)")
+    ap.add_argument("--sweep", action="store_true", help="first time every word-GEMV config at M = 1")
     args = ap.parse_args()
     ms = [1, 1024] if args.quick else [int(v) for v in args.m.split(",")]
     shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes.split(","))]
@@ -230,6 +257,8 @@ def main():
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write); empty launch: graph {empty_graph:.2f} us, "
           f"eager {empty_eager:.2f} us", flush=True)
 
+    sweep = sweep_gemv4(shapes) if args.sweep else []
+
     rows = []
     for name, k, n, silu in shapes:
         bench_shape(name, k, n, silu, ms, rows, copy_bw)
@@ -250,6 +279,9 @@ def main():
         print(f"{r['shape']:14s} {str(r['K']) + '->' + str(r['N']):>12s} {r['M']:5d} {r['ours_us']:8.2f} "
               f"{eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
               f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}")
+    if sweep:
+        print("word-GEMV configs at M = 1, fastest first (time BLOCK_N/G/warps/stages):")
+        print("\n".join(sweep))
 
 
 if __name__ == "__main__":

@@ -107,17 +107,16 @@ def _nibbles(w, SYM: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, K, NB, stride_wn, stride_sn, stride_zn,
-               ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+               ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr,
+               STAGES: tl.constexpr):
     """float32 (ROWS,) dot products of the weight rows `rows` (all valid) with x."""
     WPB: tl.constexpr = B // 8
     T: tl.constexpr = WPB // 4
     kx = (tl.arange(0, G)[:, None, None, None] * B + tl.arange(0, T)[None, :, None, None] * 32
           + tl.arange(0, 4)[None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, :])  # (G, T, 4, 8)
     acc = tl.zeros((rows.shape[0], G, T), tl.float32)
-    w, s = _load_words(w_ptr, s_ptr, rows, 0, NB, stride_wn, stride_sn, B, G)
-    for g0 in range(0, NB, G):
-        # next step's loads first: they fly while this step computes
-        w_n, s_n = _load_words(w_ptr, s_ptr, rows, g0 + G, NB, stride_wn, stride_sn, B, G)
+    for g0 in tl.range(0, NB, G, num_stages=STAGES):
+        w, s = _load_words(w_ptr, s_ptr, rows, g0, NB, stride_wn, stride_sn, B, G)
         kk = g0 * B + kx
         xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)         # (G, T, 4, 8)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                            # (G, T, 4) each
@@ -143,7 +142,6 @@ def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, K, NB, stride_wn, stride_sn, st
                         other=0).to(tl.float32)
             part -= z[:, :, None] * tl.sum(xs, axis=2)[None, :, :]
         acc += part * s[:, :, None]
-        w, s = w_n, s_n
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
@@ -156,7 +154,7 @@ def gemv_int4_kernel(
     N_OUT, K, NB, stride_wn, stride_sn, stride_zn,
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_N: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, G: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
@@ -164,11 +162,11 @@ def gemv_int4_kernel(
     if SILU:
         # gate row r and up row r + N_OUT side by side: (2 * BLOCK_N,) rows, one pass over x
         both = tl.reshape(rl[:, None] + (tl.arange(0, 2) * N_OUT)[None, :], (2 * BLOCK_N,))
-        acc2 = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, both, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
+        acc2 = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, both, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET, STAGES)
         gate, up = tl.split(tl.reshape(acc2, (BLOCK_N, 2)))
         acc = gate / (1.0 + tl.exp(-gate)) * up
     else:
-        acc = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rl, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
+        acc = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rl, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET, STAGES)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)
