@@ -112,13 +112,13 @@ def test_cuda_graph_capture_and_compile():
     _check(yc, _ref(x, parts, n, k, "int4_sym", 128))
 
 
-@pytest.mark.parametrize("enc,b,n,k,every", [("int4_sym", 128, 1001, 3000, True),
-                                             ("int4_sym", 64, 2 * 501, 4100, True),   # fused silu
+@pytest.mark.parametrize("enc,b,n,k,every", [("int4_sym", 128, 1008, 3072, True),
+                                             ("int4_sym", 128, 2 * 504, 3072, True),  # fused silu
                                              ("int4_asym", 32, 37, 203, False),
                                              ("int4_asym", 64, 2 * 501, 4100, False)])
 def test_gemv4_configs(enc, b, n, k, every, monkeypatch):
     # The word GEMV's autotune list: every candidate must be right, not only the first (which the other
-    # tests use). Ragged N, K not a multiple of 8 or of the block, the fused silu (B = 64 rows: gate+up).
+    # tests use). Ragged N, K not a multiple of 8 or of the block (asym), the fused silu (n = 2 * 504, B = 64).
     import qrun.kernels.ops as ops
     torch.manual_seed(b + n)
     parts = _weight(n, k, enc, b)
@@ -127,7 +127,7 @@ def test_gemv4_configs(enc, b, n, k, every, monkeypatch):
         monkeypatch.setattr(ops, "_gemv4_candidates", lambda *a, c=cfg: [c])
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         _poison((1, n), torch.bfloat16)
-        if b == 64:
+        if every and n == 2 * 504 or b == 64:
             y = quant_linear_silu_mul(x, *parts, encoding=enc, block_size=b, in_features=k)
             g, u = _ref(x, parts, n, k, enc, b).chunk(2, dim=-1)
             _check(y, torch.nn.functional.silu(g) * u)
