@@ -59,3 +59,19 @@ def test_generate_on_cuda_matches_cpu_greedy(model_file):
     a = cpu.generate("hello world", max_new_tokens=8, temperature=0)
     b = gpu.generate("hello world", max_new_tokens=8, temperature=0)
     assert a == b
+
+
+def test_fused_decode_matches_full_forward(model_file):
+    """The decode step (fused RoPE/cache write, decode attention, fused norms) gives the logits a full
+    forward over the whole sequence gives at its last position."""
+    import qrun
+    from qrun.runtime.generate import prefill
+    llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=64, graph=False)
+    ids = torch.randint(0, llm.model.args.vocab_size, (1, 15), device="cuda")
+    with torch.inference_mode():
+        full = llm.model(ids)[0].float()  # (15, V), no cache
+        prefill(llm.model, ids[:, :10], torch.arange(10, device="cuda"))
+        for t in range(10, 15):
+            step = llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda"))[0]
+            assert torch.isfinite(step).all()
+            assert (step - full[t]).abs().max() <= 2e-3 * full[t].abs().max(), t

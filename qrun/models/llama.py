@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qrun import kernels
 from qrun.errors import QRunError
 from qrun.models.linear import Embedding, FusedSiluMul, Linear
 
@@ -126,7 +127,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("weight", torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x (..., D) -> normed x; with residual: (normed (x + residual), x + residual), the add fused in."""
+        if x.is_cuda and kernels.rms_norm is not None:  # one Triton kernel instead of ~8 small ones
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+            return self.forward(x), x
         # Normalise in float32, scale in the activation dtype (as the reference implementation does).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -155,11 +164,18 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
         self.o_proj = Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
         self.kv_cache: KVCache | None = None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # full (max_seq, hd) tables, set with the cache
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
         """x (B, T, D); cos/sin (T, hd); mask (T, S) bool, True = may attend; input_pos (T,) or None;
         kv_len: read only cache positions [0, kv_len) (S = kv_len), or the whole cache when None."""
         b, t, _ = x.shape
+        if t == 1 and input_pos is not None and x.is_cuda and kernels.decode_attention is not None \
+                and self.hd & (self.hd - 1) == 0:
+            # Decode step on the GPU: RoPE + cache write in one kernel, attention reading only [0, pos].
+            c = self.kv_cache
+            q = kernels.rope_kv_write(self.qkv_proj(x), *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
+            return self.o_proj(kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos).view(b, 1, -1))
         q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
         q = apply_rope(q.view(b, t, self.n_heads, self.hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.view(b, t, self.n_kv, self.hd).transpose(1, 2), cos, sin)  # (B, KV, T, hd)
@@ -196,8 +212,9 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(a)
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
+        y, h = self.post_attention_layernorm(a, residual=x)  # h = x + a
+        return h + self.mlp(y)
 
 
 class Transformer(nn.Module):
@@ -223,6 +240,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim, device, dtype)
         self.rope_cos, self.rope_sin = rope_tables(a, max_seq, device)
+        for layer in self.layers:
+            layer.self_attn.rope = (self.rope_cos, self.rope_sin)
         self.max_seq = max_seq
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,

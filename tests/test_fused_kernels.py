@@ -1,0 +1,89 @@
+"""The fused decode-step kernels (RMSNorm(+residual), RoPE + KV-cache write, decode attention) on the CPU
+under TRITON_INTERPRET=1, against the model's plain-torch code. One subprocess, because the interpreter flag
+must be set before triton is imported."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run() -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from qrun.kernels.decode_attention import decode_attention
+    from qrun.kernels.rmsnorm import add_rms_norm, rms_norm
+    from qrun.kernels.rope_cache import rope_kv_write
+    from qrun.models.llama import RMSNorm, apply_rope
+
+    torch.manual_seed(0)
+    res = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x, r = torch.randn(3, 1, 72).to(dt), torch.randn(3, 1, 72).to(dt)
+        n = RMSNorm(72, 1e-6)
+        n.weight = torch.randn(72).to(dt)
+        res[f"norm-{dt}"] = (rms_norm(x, n.weight, 1e-6).float() - n(x).float()).abs().max().item()
+        y, h = add_rms_norm(x, r, n.weight, 1e-6)
+        res[f"addnorm-h-{dt}"] = (h.float() - (x + r).float()).abs().max().item()
+        res[f"addnorm-y-{dt}"] = (y.float() - n(x + r).float()).abs().max().item()
+    b, hq, kv, s, hd = 2, 6, 2, 100, 16
+    qkv = torch.randn(b, 1, (hq + 2 * kv) * hd)
+    freqs = torch.outer(torch.arange(s).float(), 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    kc, vc = torch.full((b, kv, s, hd), 7.0), torch.full((b, kv, s, hd), 7.0)
+    pos = torch.tensor([37])
+    q = rope_kv_write(qkv, cos, sin, pos, kc, vc, hq)
+    qr, kr, vr = qkv.split([hq * hd, kv * hd, kv * hd], -1)
+    qref = apply_rope(qr.view(b, 1, hq, hd).transpose(1, 2), cos[pos], sin[pos])[:, :, 0]
+    kref = apply_rope(kr.view(b, 1, kv, hd).transpose(1, 2), cos[pos], sin[pos])[:, :, 0]
+    res["rope-q"] = (q - qref).abs().max().item()
+    res["rope-k"] = (kc[:, :, 37] - kref).abs().max().item()
+    res["rope-v"] = (vc[:, :, 37] - vr.view(b, kv, hd)).abs().max().item()
+    kc[:, :, 37] = 7.0
+    vc[:, :, 37] = 7.0
+    res["rope-untouched"] = float(((kc != 7.0).sum() + (vc != 7.0).sum()).item())
+    for s, p in ((100, 37), (700, 650), (700, 0), (1000, 999)):
+        kc, vc, q = torch.randn(b, kv, s, hd), torch.randn(b, kv, s, hd), torch.randn(b, hq, hd)
+        kc[:, :, p + 1:] = float("nan")  # positions past the token must never be read
+        vc[:, :, p + 1:] = float("nan")
+        y = decode_attention(q, kc, vc, torch.tensor([p]))
+        ref = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :p + 1].repeat_interleave(hq // kv, 1),
+                                             vc[:, :, :p + 1].repeat_interleave(hq // kv, 1))
+        res[f"attn-{s}-{p}"] = (y - ref.reshape(b, hq * hd)).abs().max().item()
+    return res
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_rms_norm(results):
+    for dt in ("torch.float32", "torch.bfloat16"):
+        assert results[f"norm-{dt}"] <= 1e-5
+        assert results[f"addnorm-h-{dt}"] == 0.0
+        assert results[f"addnorm-y-{dt}"] <= 1e-5
+
+
+def test_rope_cache_write(results):
+    assert results["rope-q"] <= 1e-5 and results["rope-k"] <= 1e-5 and results["rope-v"] == 0.0
+    assert results["rope-untouched"] == 0.0  # only position 37 was written
+
+
+@pytest.mark.parametrize("case", ["100-37", "700-650", "700-0", "1000-999"])
+def test_decode_attention(results, case):
+    assert results[f"attn-{case}"] <= 1e-5  # NaN (a read past the token) fails this too
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    print(json.dumps(_run()))
