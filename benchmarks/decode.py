@@ -1,6 +1,6 @@
 """End-to-end decode benchmark at real sizes (issue 5), run on the GPU machine:
 
-    python3 benchmarks/decode.py [--configs qwen2-0.5b,qwen2.5-7b] [--out DIR] [--hf]
+    python3 benchmarks/decode.py [--configs qwen2-0.5b,qwen2.5-7b] [--out DIR] [--runs graph,eager,...]
 
 For each config it writes a random-weight INT4 g128 .stcmp (`qrun convert --random`), then runs `qrun bench`
 in a fresh process: CUDA graph on and off, prefill of 1024 tokens, and optionally Hugging Face transformers
@@ -16,8 +16,12 @@ import sys
 import time
 
 
-def qrun(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qrun.cli.main", *args], capture_output=True, text=True)
+def qrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-m", "qrun.cli.main", *args], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, 124, "", f"timed out after {timeout} s")
 
 
 def main() -> None:
@@ -25,9 +29,9 @@ def main() -> None:
     ap.add_argument("--configs", default="qwen2-0.5b,qwen2.5-7b")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
-    ap.add_argument("--hf", action="store_true", help="also time transformers BF16 on the same weights")
     ap.add_argument("--gen-len", type=int, default=256)
-    ap.add_argument("--runs", default="graph,graph+compile,eager,prefill1024,hf", help="which runs to make")
+    ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
+                    "graph,eager,prefill1024,hf (transformers BF16 on the same weights),graph+compile")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -41,11 +45,10 @@ def main() -> None:
         if p.returncode:
             continue
         runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
-                ("graph+compile", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--compile"]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
-                ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"])]
-        if a.hf:
-            runs.append(("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"]))
+                ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),
+                ("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"]),
+                ("graph+compile", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--compile"])]
         for label, extra in runs:
             if label not in a.runs.split(","):
                 continue
