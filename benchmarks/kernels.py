@@ -227,7 +227,7 @@ def sweep_gemv4(shapes):
             res.append((t, cfg))
             del fns
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
-        lines.append(f"{name:14s} " + "  ".join(f"{t:.2f}us {c['BLOCK_N']}/{c['G']}/{c['num_warps']}w/{c['STAGES']}s"
+        lines.append(f"{name:14s} " + "  ".join(f"{t:.2f}us {c['BLOCK_N']}/{c['G']}/{c['num_warps']}w/{c['num_stages']}s"
                                             for t, c in res[:6]))
         print("  sweep " + lines[-1], flush=True)
     return lines

@@ -4,22 +4,20 @@ The canonical packed weight (N, Kp/2) uint8 is read as (N, Kp/8) int32 words (a 
 of the block size B >= 32). Word w of a row holds k = 8w .. 8w+7, element 8w+i in bits 4i..4i+3 (low nibble
 = even k, little-endian bytes). Each thread loads 4 consecutive words of a row (one 16-byte vector load).
 
-Nibble -> float32 without I2F and with one LOP3 per weight: the nibble is masked into a fixed mantissa
-window of a float whose exponent makes one mantissa step worth exactly 1:
+Nibble -> float32 without I2F, one PRMT per weight (inline PTX): e = w & 0x0F0F0F0F holds the even
+nibbles one per byte, o = (w >> 4) & 0x0F0F0F0F the odd ones; `prmt` moves byte b of e (or o) into bits
+16..23 under the exponent byte 0x43 (float 2^7, whose mantissa step at bit 16 is exactly 1), so the float
+is 128 + u. For int4_sym the word is first XORed with 0x88888888 (two's complement q -> u = q + 8).
+Every weight then has the same offset, folded out once per word:
 
-    bits 16..19 under exponent 2^7  (0x43000000 | (t & 0x000F0000)) = 128 + u      (even i)
-    bits 12..15 under exponent 2^11 (0x45000000 | (t & 0x0000F000)) = 2048 + u     (odd i)
+    sum_k q_k x_k = sum_k f_k x_k - (128 + offset) sum_k x_k          (offset 8 for sym; z per block for asym)
 
-where t is the word shifted so that nibble i sits in the window: t = w << 16 (i = 0), w << 8 (i = 1, 2),
-w (i = 3, 4), w >> 8 (i = 5, 6), w >> 16 (i = 7): 4 shifts per 8 weights. For int4_sym the word is first
-XORed with 0x88888888 (two's complement q -> u = q + 8). With base_i the float's offset (128 or 2048):
-
-    sum_k q_k x_k = sum_k f_k x_k - C,   C = sum_k (base_k + 8) x_k        (int4_sym; +z and z*sum x for asym)
-
-C depends on x only, so it is computed once per word position and shared by every row a thread holds
+sum x depends on x only, so it is computed once per word position and shared by every row a thread holds
 (each thread holds BLOCK_N rows: the x slice is loaded and converted once per step for all of them).
-Per weight: ~1/2 shift + 1 LOP3 + 1 FFMA; per word per row 1 more FFMA for the block scale. The fp32
-cancellation costs ~11 bits of the 24 (offset 2048 against values of size ~8): ~1e-5 relative error.
+Per 8 weights per row: 3 LOP3/SHF + 8 PRMT + 8 FFMA, then one FFMA per 4 words for the block scale
+(~3.5 SASS instructions per weight in the loop, against ~6-7 for the byte-wise gemv.py). The offset 128
+against values of size ~8 costs ~5 bits of fp32's 24: ~1e-6 relative error. The interpreter, which cannot
+run inline asm, takes the same values from shifts and masks (ASM=False).
 
 Tile per step: (BLOCK_N rows, G blocks, B/8 words). Triton lays threads and warps out from the contiguous
 dimension first, so with G * B/32 >= 32 * num_warps every thread holds all BLOCK_N rows of its 4 words and
@@ -35,9 +33,6 @@ import triton.language as tl
 
 from .dequant import cast
 
-SIGN_FLIP = -0x77777778  # 0x88888888 as int32: flips the sign bit of all 8 nibbles (q -> q + 8)
-LO_EXP = 0x43000000      # 2^7:  mantissa bit 16 is worth 1
-HI_EXP = 0x45000000      # 2^11: mantissa bit 12 is worth 1
 
 
 @triton.jit
@@ -107,16 +102,17 @@ def _nibbles(w, SYM: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, K, NB, stride_wn, stride_sn, stride_zn,
-               ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr,
-               STAGES: tl.constexpr):
+               ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
     """float32 (ROWS,) dot products of the weight rows `rows` (all valid) with x."""
     WPB: tl.constexpr = B // 8
     T: tl.constexpr = WPB // 4
     kx = (tl.arange(0, G)[:, None, None, None] * B + tl.arange(0, T)[None, :, None, None] * 32
           + tl.arange(0, 4)[None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, :])  # (G, T, 4, 8)
     acc = tl.zeros((rows.shape[0], G, T), tl.float32)
-    for g0 in tl.range(0, NB, G, num_stages=STAGES):
-        w, s = _load_words(w_ptr, s_ptr, rows, g0, NB, stride_wn, stride_sn, B, G)
+    w, s = _load_words(w_ptr, s_ptr, rows, 0, NB, stride_wn, stride_sn, B, G)
+    for g0 in range(0, NB, G):
+        # next step's loads first: they fly while this step computes
+        w_n, s_n = _load_words(w_ptr, s_ptr, rows, g0 + G, NB, stride_wn, stride_sn, B, G)
         kk = g0 * B + kx
         xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)         # (G, T, 4, 8)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                            # (G, T, 4) each
@@ -142,6 +138,7 @@ def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, K, NB, stride_wn, stride_sn, st
                         other=0).to(tl.float32)
             part -= z[:, :, None] * tl.sum(xs, axis=2)[None, :, :]
         acc += part * s[:, :, None]
+        w, s = w_n, s_n
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
@@ -154,7 +151,7 @@ def gemv_int4_kernel(
     N_OUT, K, NB, stride_wn, stride_sn, stride_zn,
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_N: tl.constexpr, G: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
@@ -162,11 +159,11 @@ def gemv_int4_kernel(
     if SILU:
         # gate row r and up row r + N_OUT side by side: (2 * BLOCK_N,) rows, one pass over x
         both = tl.reshape(rl[:, None] + (tl.arange(0, 2) * N_OUT)[None, :], (2 * BLOCK_N,))
-        acc2 = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, both, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET, STAGES)
+        acc2 = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, both, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
         gate, up = tl.split(tl.reshape(acc2, (BLOCK_N, 2)))
         acc = gate / (1.0 + tl.exp(-gate)) * up
     else:
-        acc = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rl, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET, STAGES)
+        acc = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rl, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)

@@ -84,19 +84,18 @@ def _gemv_candidates(encoding, block_size, nb):
 
 
 def _gemv4_candidates(block_size, nb):
-    """(BLOCK_N rows per thread, K per step, warps, stages): K per step = 32 * threads along K (one 16-byte
-    load of 4 words = 32 k per thread per row); with K per step >= 1024 * warps every thread holds all
-    BLOCK_N rows and the warps split K. Stages: cp.async pipelining depth of the K loop (tl.range)."""
+    """(BLOCK_N rows per thread, K per step, warps): K per step = 32 * threads along K (one 16-byte load of
+    4 words = 32 k per thread per row), so every thread holds all BLOCK_N rows and the warps split K.
+    (A cp.async-pipelined K loop, tl.range(num_stages=2..4), measured 1.4-2.4x slower on the H100: PERF.md.)"""
     out = []
-    for bn, kstep, warps, stages in ((8, 1024, 1, 3), (8, 1024, 1, 4), (4, 1024, 1, 4), (16, 1024, 1, 3),
-                                     (8, 2048, 2, 3), (4, 2048, 2, 3), (8, 4096, 4, 2), (4, 4096, 4, 3),
-                                     (2, 8192, 8, 2), (4, 512, 1, 4), (2, 1024, 1, 2), (1, 1024, 1, 2)):
+    for bn, kstep, warps in ((8, 4096, 4), (4, 4096, 4), (16, 2048, 2), (8, 2048, 2), (4, 1024, 1),
+                             (8, 1024, 1), (16, 1024, 1), (2, 8192, 8), (4, 2048, 2)):
         g = max(1, min(kstep // block_size, triton_next_pow2(nb)))
-        c = dict(BLOCK_N=bn, G=g, STAGES=stages, num_warps=warps, num_stages=stages)
+        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=1)
         if c not in out:
             out.append(c)
     if INTERPRET:
-        out = [dict(BLOCK_N=4, G=2, STAGES=1, num_warps=1, num_stages=1)]
+        out = [dict(BLOCK_N=4, G=2, num_warps=1, num_stages=1)]
     return out
 
 
