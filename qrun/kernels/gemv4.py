@@ -34,7 +34,6 @@ import triton.language as tl
 from .dequant import cast
 
 
-
 @triton.jit
 def _load_words(w_ptr, s_ptr, rows, g0, NB, stride_wn, stride_sn,
                 B: tl.constexpr, G: tl.constexpr):

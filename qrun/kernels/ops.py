@@ -1,7 +1,8 @@
 """Launchers for the Triton kernels and their torch.library custom ops (qrun::quant_linear,
 qrun::quant_linear_silu_mul), so torch.compile treats them as opaque calls and CUDA graphs capture them.
 
-Dispatch by M (rows of x): M == 1 -> gemv_kernel, M >= 2 -> gemm_kernel (tl.dot; M <= 16 pads the MMA
+Dispatch by M (rows of x): M == 1 -> gemv_int4_kernel (int4_sym/asym, packed bytes read as int32 words) or
+gemv_kernel (int8, nf4), M >= 2 -> gemm_kernel (tl.dot; M <= 16 pads the MMA
 to 16). Launch configs are timed once per (device, kernel, encoding, block size, dtype, N, K, M bucket) and
 cached for the process; under CUDA graph capture an untuned shape takes the first candidate (timing is
 impossible there), so warm up before capturing.
