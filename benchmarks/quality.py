@@ -18,7 +18,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-# name: (ConvertOptions fields, how: rtn | mse | gptq)
+# name: (ConvertOptions fields, how: rtn | mse | gptq (calibrated on calib.txt) | gptq-rand (data-free: GPTQ on
+# random token ids))
 ROWS = {
     "bf16": (dict(bits=16), "rtn"),
     "int8-g128": (dict(bits=8, block_size=128), "rtn"),
@@ -27,6 +28,8 @@ ROWS = {
     "nf4-g64-rtn": (dict(bits=4, block_size=64, scheme="nf4"), "rtn"),
     "int4-g128-sym-mse": (dict(bits=4, block_size=128, scheme="sym"), "mse"),
     "int4-g128-asym-mse": (dict(bits=4, block_size=128, scheme="asym"), "mse"),
+    "int4-g128-sym-gptq-rand": (dict(bits=4, block_size=128, scheme="sym"), "gptq-rand"),
+    "int4-g128-asym-gptq-rand": (dict(bits=4, block_size=128, scheme="asym"), "gptq-rand"),
     "int4-g128-sym-gptq": (dict(bits=4, block_size=128, scheme="sym"), "gptq"),
     "int4-g128-asym-gptq": (dict(bits=4, block_size=128, scheme="asym"), "gptq"),
     "int4-g64-asym-gptq": (dict(bits=4, block_size=64, scheme="asym"), "gptq"),
@@ -50,9 +53,9 @@ def run_row(name: str, a) -> dict:
     src = open_source(a.model)
     t0 = time.perf_counter()
     quantized = None
-    if how == "gptq":
-        quantized = calibrate(src, os.path.join(HERE, "data", "calib.txt"), opts, calib_tokens=a.calib_tokens,
-                              progress=True)
+    if how.startswith("gptq"):
+        text = os.path.join(HERE, "data", "calib.txt") if how == "gptq" else None
+        quantized = calibrate(src, text, opts, calib_tokens=a.calib_tokens, progress=True)
     out = os.path.join(a.workdir, f"{name}.stcmp")
     report = convert(src, out, opts, progress=False, quantized=quantized)
     convert_s = time.perf_counter() - t0

@@ -131,22 +131,27 @@ CALIB = ("the quick brown fox jumps over the lazy dog. hello world, this is qrun
          "symbols !?.,;: and ünïcode. ") * 12
 
 
-def test_calibrate_tiny_model_end_to_end(tiny_qwen2_dir, tmp_path):
-    """Every linear gets GPTQ; the file loads and runs; its logits on held-out text are closer to the
-    float model's than plain RTN's."""
+@pytest.mark.parametrize("data_free,embeddings", [(False, "keep"), (True, "keep"), (False, "int4")])
+def test_calibrate_tiny_model_end_to_end(tiny_qwen2_dir, tmp_path, data_free, embeddings):
+    """Every linear (and, when asked, the tied embedding table) gets GPTQ; the file loads and runs; its
+    logits on held-out tokens are closer to the float model's than plain RTN's. data_free: calibrated on
+    random token ids instead of text."""
     import qrun
     from qrun.runtime.calibrate import calibrate
     from qrun.runtime.convert import ConvertOptions, convert, open_source
     src = open_source(tiny_qwen2_dir)
     text = tmp_path / "calib.txt"
     text.write_text(CALIB)
-    opts = ConvertOptions(bits=4, block_size=32, scheme="sym", method="gptq")
-    q = calibrate(src, str(text), opts, calib_tokens=512, progress=False, device="cpu", ctx=64)
-    linears = [n for n in src.names() if ".layers." in n and n.endswith("proj.weight")]
-    assert sorted(q) == sorted(linears)
+    opts = ConvertOptions(bits=4, block_size=32, scheme="sym", method="gptq", embeddings=embeddings)
+    q = calibrate(src, None if data_free else str(text), opts, calib_tokens=512, progress=False, device="cpu",
+                  ctx=64)
+    expect = [n for n in src.names() if ".layers." in n and n.endswith("proj.weight")]
+    if embeddings != "keep":
+        expect.append("model.embed_tokens.weight")  # tied: GPTQ'd in its lm_head role
+    assert sorted(q) == sorted(expect)
     paths = {}
-    for name, (o, pre) in {"f": (ConvertOptions(bits=16), None), "rtn": (ConvertOptions(bits=4, block_size=32), None),
-                           "gptq": (opts, q)}.items():
+    rtn = ConvertOptions(bits=4, block_size=32, embeddings=embeddings)
+    for name, (o, pre) in {"f": (ConvertOptions(bits=16), None), "rtn": (rtn, None), "gptq": (opts, q)}.items():
         paths[name] = str(tmp_path / f"{name}.stcmp")
         convert(src, paths[name], o, progress=False, quantized=pre)
     held = torch.tensor([[7, 40, 99, 120, 31, 200, 150, 5, 64, 77, 250, 12, 180, 33, 90, 101] * 4])

@@ -18,15 +18,14 @@ calibrate(src, text_path, opts, calib_tokens)
     Runs the BF16 model one decoder layer at a time over the calibration text, collects H for every linear of
     that layer with forward hooks, quantizes the layer with GPTQ, and feeds the *quantized* layer's outputs to
     the next one (so later layers learn to compensate for earlier layers' errors). Only one layer's weights
-    and one layer's activations are alive at a time.
+    and one layer's activations are alive at a time. Without a text (text_path=None) it calibrates on
+    seeded random token ids: data-free, and on the demo model still far better than absmax (docs/QUALITY.md).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from qrun.quant import (NF4_CODE, QuantError, QuantizedTensor, _store_scales, pack_int4)
+from qrun.quant import NF4_CODE, QuantError, QuantizedTensor, _store_scales, pack_int4
 
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0, 0.975, ..., 0.5
 
@@ -312,6 +311,7 @@ CALIB_CTX = 512  # tokens per calibration window
 DEFAULT_CALIB_TOKENS = 16384  # 32 windows: enough for stable Hessians of a small model, minutes on a CPU
 ACT_ORDER = True
 DAMP = 0.01
+EMBED_GPTQ = True  # tied embeddings, when quantized: GPTQ in the lm_head role (else the data-free clip search)
 
 # The HF linears of one decoder layer, grouped by the input they read (one Hessian per group), and the
 # model module whose input that is.
@@ -370,15 +370,18 @@ def _run(block, x: torch.Tensor, cos, sin, mask, batch: int) -> torch.Tensor:
     return torch.cat([block(x[j:j + batch], cos, sin, mask, None) for j in range(0, x.shape[0], batch)])
 
 
-def calibrate(src, text_path: str, opts, calib_tokens: int | None = None, progress: bool = True,
+def calibrate(src, text_path: str | None, opts, calib_tokens: int | None = None, progress: bool = True,
               device: str | torch.device | None = None, act_order: bool = ACT_ORDER, damp: float = DAMP,
-              ctx: int = CALIB_CTX) -> dict[str, QuantizedTensor]:
+              ctx: int = CALIB_CTX, embed_gptq: bool = EMBED_GPTQ) -> dict[str, QuantizedTensor]:
     """GPTQ-quantize every linear weight of `src` (a converter Source) on calibration text.
+
+    text_path=None calibrates on seeded random token ids instead of text: a data-free mode.
 
     Returns {HF tensor name: QuantizedTensor} for `convert(..., quantized=)`. One decoder layer at a time:
     its float32 weights, the activations of all calibration windows entering it (W, T, D), and one Hessian
-    per input (K, K) are all that is alive. Embeddings (when quantized) get the data-free clip search, an
-    untied lm_head gets GPTQ on the final hidden states.
+    per input (K, K) are all that is alive. An untied lm_head gets GPTQ on the final hidden states; a
+    quantized embedding table gets the data-free clip search, or, when tied and embed_gptq, GPTQ in its
+    lm_head role.
     """
     from tqdm import tqdm
 
@@ -393,8 +396,15 @@ def calibrate(src, text_path: str, opts, calib_tokens: int | None = None, progre
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scale_dtype = torch.float16 if opts.scale_dtype == "float16" else torch.float32
     args = ModelArgs.from_config(src.config)
-    tokens = read_calibration_tokens(Tokenizer(src.files, "source"), text_path,
-                                     calib_tokens or DEFAULT_CALIB_TOKENS, ctx)
+    n_tokens = calib_tokens or DEFAULT_CALIB_TOKENS
+    if text_path is None:
+        # Data-free: uniformly random token ids (seeded). Far from real text, yet enough to show GPTQ which
+        # input channels are large and how they correlate inside the network.
+        g = torch.Generator().manual_seed(0)
+        vocab = min(args.vocab_size, Tokenizer(src.files, "source").vocab_size)
+        tokens = torch.randint(0, vocab, (max(1, n_tokens // ctx), ctx), generator=g)
+    else:
+        tokens = read_calibration_tokens(Tokenizer(src.files, "source"), text_path, n_tokens, ctx)
     names = set(src.names())
 
     def encoding_of(name: str) -> str | None:
@@ -407,11 +417,12 @@ def calibrate(src, text_path: str, opts, calib_tokens: int | None = None, progre
     out: dict[str, QuantizedTensor] = {}
     emb = src.get("model.embed_tokens.weight")
     x = emb[tokens].to(device=device, dtype=torch.float32)  # (W, T, D): activations entering layer 0
-    enc = encoding_of("model.embed_tokens.weight")
-    if enc is not None:
+    emb_enc = encoding_of("model.embed_tokens.weight")
+    tied_gptq = emb_enc is not None and "lm_head.weight" not in names and embed_gptq
+    if emb_enc is not None and not tied_gptq:
         w = emb.to(device=device, dtype=torch.float32)
-        out["model.embed_tokens.weight"] = quantize(w, enc, opts.block_size, scale_dtype, opts.double_quant,
-                                                    clip_ratio=mse_clip_ratio(w, enc, opts.block_size))
+        out["model.embed_tokens.weight"] = quantize(w, emb_enc, opts.block_size, scale_dtype, opts.double_quant,
+                                                    clip_ratio=mse_clip_ratio(w, emb_enc, opts.block_size))
     del emb
     cos, sin = rope_tables(args, ctx, device)
     mask = torch.ones(ctx, ctx, dtype=torch.bool, device=device).tril()
@@ -452,12 +463,16 @@ def calibrate(src, text_path: str, opts, calib_tokens: int | None = None, progre
             x = _run(block, x, cos, sin, mask, batch)  # the quantized layer's outputs feed the next layer
             del block
 
-        if "lm_head.weight" in names and encoding_of("lm_head.weight") is not None:
+        # The output projection: an untied lm_head, or (tied) the embedding table in its lm_head role,
+        # GPTQ'd on the final hidden states (the logits are what perplexity sees; the lookup role only
+        # needs each row close, which GPTQ keeps to about RTN's error).
+        head = "lm_head.weight" if "lm_head.weight" in names else ("model.embed_tokens.weight" if tied_gptq
+                                                                  else None)
+        if head is not None and encoding_of(head) is not None:
             from qrun.models.llama import RMSNorm
             norm = RMSNorm(args.dim, args.norm_eps).to(device)
             norm.weight.copy_(src.get("model.norm.weight").to(torch.float32))
             h = norm(x).reshape(-1, args.dim)
-            out["lm_head.weight"] = gptq("lm_head.weight", src.get("lm_head.weight").to(device, torch.float32),
-                                         h.T @ h, encoding_of("lm_head.weight"))
+            out[head] = gptq(head, src.get(head).to(device, torch.float32), h.T @ h, encoding_of(head))
     bar.close()
     return out
