@@ -35,6 +35,7 @@ ROWS = {
     "int4-g64-asym-gptq": (dict(bits=4, block_size=64, scheme="asym"), "gptq"),
     "int4-g128-asym-gptq-emb8": (dict(bits=4, block_size=128, scheme="asym", embeddings="int8"), "gptq"),
     "int4-g128-asym-gptq-emb4": (dict(bits=4, block_size=128, scheme="asym", embeddings="int4"), "gptq"),
+    "int4-g128-asym-gptq-rand-emb8": (dict(bits=4, block_size=128, scheme="asym", embeddings="int8"), "gptq-rand"),
     "int4-g128-asym-mse-emb8": (dict(bits=4, block_size=128, scheme="asym", embeddings="int8"), "mse"),
     "int4-g128-asym-mse-emb4": (dict(bits=4, block_size=128, scheme="asym", embeddings="int4"), "mse"),
 }
