@@ -309,6 +309,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, encoding: str = "int4_
 
 CALIB_CTX = 512  # tokens per calibration window
 DEFAULT_CALIB_TOKENS = 16384  # 32 windows: enough for stable Hessians of a small model, minutes on a CPU
+DATA_FREE_TOKENS = 4096  # random-token calibration (text_path=None): what docs/QUALITY.md measured
 ACT_ORDER = True
 DAMP = 0.01
 EMBED_GPTQ = True  # tied embeddings, when quantized: GPTQ in the lm_head role (else the data-free clip search)
@@ -396,7 +397,7 @@ def calibrate(src, text_path: str | None, opts, calib_tokens: int | None = None,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scale_dtype = torch.float16 if opts.scale_dtype == "float16" else torch.float32
     args = ModelArgs.from_config(src.config)
-    n_tokens = calib_tokens or DEFAULT_CALIB_TOKENS
+    n_tokens = calib_tokens or (DEFAULT_CALIB_TOKENS if text_path is not None else DATA_FREE_TOKENS)
     if text_path is None:
         # Data-free: uniformly random token ids (seeded). Far from real text, yet enough to show GPTQ which
         # input channels are large and how they correlate inside the network.
