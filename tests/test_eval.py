@@ -82,3 +82,25 @@ def test_cli_missing_files(run_cli, bf16_model, tmp_path):
     rc, _, err = run_cli("eval", "perplexity", "--model", tmp_path / "nope.stcmp", "--text", text)
     assert rc == 1 and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "nope.stcmp")
+
+
+@pytest.mark.gpu
+def test_perplexity_and_calibration_on_gpu(tiny_qwen2_dir, bf16_model, tmp_path):
+    """The same numbers on the GPU (bf16 compute there, so a loose tolerance), and GPTQ runs on the device."""
+    import qrun
+    from qrun.runtime.calibrate import calibrate
+    from qrun.runtime.convert import ConvertOptions, convert, open_source
+    from qrun.runtime.evaluate import perplexity
+    cpu = perplexity(bf16_model, TEXT, ctx=32, device="cpu")
+    gpu = perplexity(bf16_model, TEXT, ctx=32, device="cuda")
+    assert gpu["tokens"] == cpu["tokens"]
+    assert gpu["perplexity"] == pytest.approx(cpu["perplexity"], rel=0.02)
+    src = open_source(tiny_qwen2_dir)
+    opts = ConvertOptions(bits=4, block_size=32, method="gptq")
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    q = calibrate(src, str(text), opts, calib_tokens=256, progress=False, device="cuda", ctx=32)
+    out = str(tmp_path / "q.stcmp")
+    convert(src, out, opts, progress=False, quantized=q)
+    llm = qrun.load(out, device="cuda", max_seq_len=64, progress=False)
+    assert perplexity(llm, TEXT, ctx=32)["perplexity"] < 1e6
