@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
-                    "graph,eager,prefill1024,hf (transformers BF16 on the same weights),graph+compile")
+                    "graph,eager,prefill1024,hf (transformers BF16 on the same weights)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -47,8 +47,7 @@ def main() -> None:
         runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
                 ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),
-                ("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"]),
-                ("graph+compile", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--compile"])]
+                ("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"])]
         for label, extra in runs:
             if label not in a.runs.split(","):
                 continue

@@ -33,11 +33,12 @@ def test_cuda_logits_match_cpu(model_file):
 def test_graph_decode_equals_eager(model_file):
     import qrun
     from qrun.runtime.cuda_graph import GraphedDecodeStep
-    from qrun.runtime.generate import decode_one, prefill
+    from qrun.runtime.generate import prefill
     outs = []
     for graph in (False, True):
-        llm = qrun.load(model_file, device="cuda", progress=False, max_seq_len=64)
-        step = GraphedDecodeStep(llm.decode_step) if graph else llm.decode_step
+        llm = qrun.load(model_file, device="cuda", progress=False, max_seq_len=64, graph=graph)
+        assert isinstance(llm.decode_step, GraphedDecodeStep) == graph
+        step = llm.decode_step
         torch.manual_seed(0)
         prompt = torch.randint(0, llm.model.args.vocab_size, (1, 9), device="cuda")
         logits = prefill(llm.model, prompt, torch.arange(9, device="cuda"))

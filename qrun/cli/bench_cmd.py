@@ -13,13 +13,13 @@ def cmd_bench(a) -> int:
         model = demo_model_path()
     r = bench(model, device=a.device, prompt_len=a.prompt_len, gen_len=a.gen_len, batch=a.batch, runs=a.runs,
               graph=not a.no_graph, max_seq_len=a.max_seq_len, compare_hf=a.compare == "hf",
-              progress=not a.json, compile=a.compile)
+              progress=not a.json)
     if a.json:
         print(json.dumps(r))
         return 0
     pct = f" ({r['pct_of_copy']:.0f}% of the {r['copy_gbps']:.0f} GB/s copy bandwidth)" if r["pct_of_copy"] else ""
     print(f"model        {r['model']} on {r['device']}, batch {r['batch']}, "
-          f"cuda graph {'on' if r['cuda_graph'] else 'off'}, compile {'on' if r['compile'] else 'off'}")
+          f"cuda graph {'on' if r['cuda_graph'] else 'off'}")
     print(f"load         {r['load_s']:.2f} s")
     print(f"prefill      {r['prefill_tok_s']:.0f} tok/s ({r['prompt_len']} tokens; time to first token "
           f"{r['ttft_s'] * 1e3:.1f} ms)")
@@ -44,7 +44,6 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default prompt + gen)")
     p.add_argument("--no-graph", action="store_true", help="launch the decode step eagerly (no CUDA graph)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (fuses small ops)")
     p.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

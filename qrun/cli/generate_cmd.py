@@ -17,8 +17,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache length: prompt + reply (default: min(model limit, 4096))")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--compile", action="store_true",
-                   help="cuda: torch.compile the decode step before graph capture (faster decode, slow start)")
     p.add_argument("--no-graph", action="store_true", help="cuda: launch the decode step eagerly")
 
 
@@ -75,8 +73,7 @@ def _load(args):
             raise QRunError("no --model given and the demo model is not available in this install") from None
         path = demo_model_path(progress=not args.no_progress)
     return load(path, device=device, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                progress=not args.no_progress, require_tokenizer=True, graph=not args.no_graph,
-                compile=args.compile)
+                progress=not args.no_progress, require_tokenizer=True, graph=not args.no_graph)
 
 
 def stats_line(st) -> str:

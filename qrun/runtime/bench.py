@@ -64,7 +64,7 @@ def bytes_per_token(model, batch: int, context: int) -> dict[str, int]:
 @torch.inference_mode()
 def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: int = 128, batch: int = 1,
           runs: int = 3, graph: bool = True, max_seq_len: int | None = None, compare_hf: bool = False,
-          progress: bool = False, compile: bool = False) -> dict[str, Any]:
+          progress: bool = False) -> dict[str, Any]:
     import qrun
     from qrun.runtime.generate import prefill
     from qrun.runtime.loader import resolve_device
@@ -80,8 +80,7 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     max_seq_len = max_seq_len or (prompt_len + gen_len)
     _sync(dev)
     t0 = time.perf_counter()
-    llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress, graph=graph,
-                    compile=compile)
+    llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress, graph=graph)
     _sync(dev)
     load_s = time.perf_counter() - t0
     model = llm.model
@@ -110,7 +109,7 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
         return ttft, (gen_len - 1) / dec
 
     t = time.perf_counter()
-    one_run()  # warm-up: Triton autotuning, compilation, graph capture
+    one_run()  # warm-up: Triton autotuning, graph capture
     warmup_s = time.perf_counter() - t
     results = [one_run() for _ in range(runs)]
     ttft = statistics.median(r[0] for r in results)
@@ -118,7 +117,7 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     bpt = bytes_per_token(model, batch, prompt_len + gen_len // 2)
     out = {"model": path, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "max_seq_len": max_seq_len,
-           "cuda_graph": bool(graph and dev.type == "cuda"), "compile": bool(compile and dev.type == "cuda"),
+           "cuda_graph": bool(graph and dev.type == "cuda"),
            "warmup_s": warmup_s,
            "load_s": load_s, "ttft_s": ttft, "prefill_tok_s": prompt_len / ttft,
            "decode_tok_s": decode_tok_s,

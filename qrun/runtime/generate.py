@@ -95,18 +95,13 @@ class LLM:
             self.decode_step = lambda tok, pos: decode_one(self.model, tok, pos)
         self.stats = GenerationStats()
 
-    def accelerate(self, graph: bool = True, compile: bool = False) -> "LLM":
-        """Make the CUDA decode step fast: torch.compile (fuses norms, RoPE, residual adds; minutes of
-        compilation on first use) and/or replay it as one captured CUDA graph (no compile cost). No-op on CPU."""
-        if self.device.type != "cuda":
+    def accelerate(self, graph: bool = True) -> "LLM":
+        """On CUDA, replay the decode step as one captured CUDA graph (captured on first use, per batch size).
+        No-op on the CPU."""
+        if self.device.type != "cuda" or not graph:
             return self
-        step = lambda tok, pos: decode_one(self.model, tok, pos)  # noqa: E731 (static shapes)
-        if compile:
-            step = torch.compile(step, fullgraph=True, dynamic=False)
-        if graph:
-            from qrun.runtime.cuda_graph import GraphedDecodeStep
-            step = GraphedDecodeStep(step)
-        self.decode_step = step
+        from qrun.runtime.cuda_graph import GraphedDecodeStep
+        self.decode_step = GraphedDecodeStep(lambda tok, pos: decode_one(self.model, tok, pos))
         return self
 
     # ------------------------------------------------------------------------------------------- input

@@ -257,15 +257,14 @@ def eos_ids(header: dict[str, Any], tokenizer: Tokenizer | None) -> set[int]:
 def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max_seq_len: int | None = None,
          dtype: str | torch.dtype | None = None, *, dequantize: bool | None = None, progress: bool = True,
          threads: int | None = None, prefetch_bytes: int = PREFETCH_BYTES,
-         require_tokenizer: bool = False, graph: bool = True, compile: bool = False) -> LLM:
+         require_tokenizer: bool = False, graph: bool = True) -> LLM:
     """Load a .stcmp model. device: "cpu" | "cuda" | "cuda:N" | None (cuda if available).
     max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
     dtype: compute dtype (default bfloat16 on CUDA, float32 on the CPU).
     dequantize: expand quantized weights to dense at load (default: on the CPU only).
     A file without a tokenizer (random-weight benchmark models) loads with .tokenizer None, and the text
     methods say so; require_tokenizer=True refuses it before any weight is read.
-    graph: on CUDA, replay the decode step as a captured CUDA graph (default on).
-    compile: on CUDA, torch.compile the decode step first (fuses the small ops; slow first call)."""
+    graph: on CUDA, replay the decode step as a captured CUDA graph (default on)."""
     dev = resolve_device(device)
     if isinstance(dtype, str):
         if dtype not in _DTYPE_NAMES:
@@ -342,7 +341,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max
         torch.cuda.synchronize(dev)
     llm = LLM(model, tokenizer, cfg, device=dev, max_seq_len=max_seq_len, eos_ids=eos_ids(header, tokenizer),
               header=header)
-    return llm.accelerate(graph=graph, compile=compile)
+    return llm.accelerate(graph=graph)
 
 
 def _install(model: Transformer, b: _Builder, g: Group, tensors) -> None:
