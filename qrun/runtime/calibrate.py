@@ -253,7 +253,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, encoding: str = "int4_
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(kp, device=dev)
     W = W[:, perm]
     H = H[perm][:, perm]
-    group = perm // B  # (Kp,) the block each (permuted) column's scale belongs to
+    group = (perm // B).tolist()  # the block each (permuted) column's scale belongs to; host ints: no syncs
 
     H += torch.eye(kp, device=dev) * (damp * torch.mean(torch.diag(H)))
     try:
