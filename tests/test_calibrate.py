@@ -151,7 +151,7 @@ def test_calibrate_tiny_model_end_to_end(tiny_qwen2_dir, tmp_path, data_free, em
         expect.append("model.embed_tokens.weight")  # tied: GPTQ'd in its lm_head role
     assert sorted(q) == sorted(expect)
     paths = {}
-    rtn = ConvertOptions(bits=4, block_size=32, embeddings=embeddings)
+    rtn = ConvertOptions(bits=4, block_size=32, scheme="sym", method="rtn", embeddings=embeddings)
     for name, (o, pre) in {"f": (ConvertOptions(bits=16), None), "rtn": (rtn, None), "gptq": (opts, q)}.items():
         paths[name] = str(tmp_path / f"{name}.stcmp")
         convert(src, paths[name], o, progress=False, quantized=pre)

@@ -12,9 +12,23 @@ from qrun.quant import dequantize_parts
 from qrun.runtime.stcmp import Reader
 
 
-def test_convert_int4_policy_and_header(tiny_qwen2_dir, tmp_path, run_cli):
+def test_convert_defaults(tiny_qwen2_dir, tmp_path, run_cli):
+    """The measured defaults (docs/QUALITY.md): INT4 g128 asym by data-free GPTQ, int8 embeddings."""
     out = tmp_path / "m.stcmp"
     rc, _, err = run_cli("convert", tiny_qwen2_dir, "-o", out, "-q")
+    assert rc == 0, err
+    r = Reader(out)
+    assert r.header["quantization"] == {**r.header["quantization"], "bits": 4, "scheme": "asym", "block_size": 128,
+                                        "embeddings": "int8", "method": "gptq"}
+    assert r.info("model.layers.0.mlp.up_proj.weight").encoding == "int4_asym"
+    assert r.info("model.embed_tokens.weight").encoding == "int8_sym"
+    assert r.info("model.norm.weight").encoding == "bf16"
+
+
+def test_convert_int4_policy_and_header(tiny_qwen2_dir, tmp_path, run_cli):
+    out = tmp_path / "m.stcmp"
+    rc, _, err = run_cli("convert", tiny_qwen2_dir, "-o", out, "-q", "--scheme", "sym", "--method", "rtn",
+                         "--embeddings", "keep")
     assert rc == 0, err
     assert "bits/param" in err  # the size table
     r = Reader(out)
@@ -39,8 +53,8 @@ def test_convert_int4_policy_and_header(tiny_qwen2_dir, tmp_path, run_cli):
 
 
 @pytest.mark.parametrize("args,encoding", [
-    (["--bits", "8"], "int8_sym"), (["--scheme", "asym"], "int4_asym"), (["--scheme", "nf4", "--block-size", "64"], "nf4"),
-    (["--bits", "16"], "bf16"), (["--double-quant", "--block-size", "32"], "int4_sym")])
+    (["--bits", "8"], "int8_sym"), (["--scheme", "sym"], "int4_sym"), (["--scheme", "nf4", "--block-size", "64"], "nf4"),
+    (["--bits", "16"], "bf16"), (["--double-quant", "--block-size", "32", "--method", "rtn"], "int4_asym")])
 def test_convert_options(tiny_qwen2_dir, tmp_path, run_cli, args, encoding):
     out = tmp_path / "m.stcmp"
     rc, _, err = run_cli("convert", tiny_qwen2_dir, "-o", out, "-q", *args)
@@ -48,13 +62,13 @@ def test_convert_options(tiny_qwen2_dir, tmp_path, run_cli, args, encoding):
     t = Reader(out).info("model.layers.0.mlp.gate_proj.weight")
     assert t.encoding == encoding
     if "--double-quant" in args:
-        assert set(t.entry["parts"]) == {"qweight", "scales_q", "scales_meta"}
+        assert set(t.entry["parts"]) == {"qweight", "scales_q", "scales_meta", "zeros"}
 
 
 def test_embeddings_flag(tiny_qwen2_dir, tmp_path, run_cli):
     out = tmp_path / "m.stcmp"
-    assert run_cli("convert", tiny_qwen2_dir, "-o", out, "-q", "--embeddings", "int8")[0] == 0
-    assert Reader(out).info("model.embed_tokens.weight").encoding == "int8_sym"
+    assert run_cli("convert", tiny_qwen2_dir, "-o", out, "-q", "--embeddings", "keep", "--method", "rtn")[0] == 0
+    assert Reader(out).info("model.embed_tokens.weight").encoding == "bf16"
 
 
 def test_lossless_convert_is_exact(tiny_qwen2_dir, tmp_path, run_cli):
@@ -118,7 +132,7 @@ def test_lossless_compress_decompress_identical(tiny_qwen2_dir, tmp_path, run_cl
 
 def test_inspect_json(tiny_qwen2_dir, tmp_path, run_cli):
     out = tmp_path / "m.stcmp"
-    run_cli("convert", tiny_qwen2_dir, "-o", out, "-q")
+    run_cli("convert", tiny_qwen2_dir, "-o", out, "-q", "--method", "rtn")
     rc, stdout, _ = run_cli("inspect", out, "--json")
     assert rc == 0
     info = json.loads(stdout)

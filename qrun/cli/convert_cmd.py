@@ -12,21 +12,22 @@ def _quant_args(p, with_scheme=True):
     p.add_argument("--bits", type=int, default=4, choices=[4, 8, 16] if with_scheme else [4, 8],
                    help="4 (default) or 8 quantize the linear weights; 16 keeps every tensor lossless")
     p.add_argument("--block-size", type=int, default=128, choices=[32, 64, 128, 256])
-    p.add_argument("--scheme", default="sym", choices=["sym", "asym", "nf4"], help="INT4 scheme (default sym)")
+    p.add_argument("--scheme", default=None, choices=["sym", "asym", "nf4"], help="INT4 scheme (default asym)")
     p.add_argument("--double-quant", action="store_true", help="8-bit block scales, one fp32 scale per 256 blocks")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--embeddings", default="keep", choices=["keep", "int8", "int4"],
-                   help="how embed_tokens and an untied lm_head are stored (default keep)")
-    p.add_argument("--method", default=None, choices=["rtn", "mse"],
-                   help="rounding: rtn = absmax scales, mse = data-free clip search per block")
+    p.add_argument("--embeddings", default="int8", choices=["keep", "int8", "int4"],
+                   help="how embed_tokens and an untied lm_head are stored (default int8)")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn", "mse"],
+                   help="INT4 rounding: gptq (default; calibrated with --calibrate, else data-free on random "
+                        "tokens), rtn = absmax round-to-nearest (instant), mse = data-free clip search")
 
 
 def _options(a):
     from qrun.runtime.convert import ConvertOptions
-    method = a.method or "rtn"
     return ConvertOptions(bits=a.bits, block_size=a.block_size, scheme=a.scheme, double_quant=a.double_quant,
                           embeddings=a.embeddings, scale_dtype=a.scale_dtype,
-                          level=getattr(a, "level", 3), threads=getattr(a, "threads", None), method=method)
+                          level=getattr(a, "level", 3), threads=getattr(a, "threads", None), method=a.method,
+                          calib_text=getattr(a, "calibrate", None), calib_tokens=getattr(a, "calib_tokens", None))
 
 
 def _out_dir_exists(path):
@@ -44,13 +45,7 @@ def cmd_convert(a) -> int:
         src = open_source(a.input)
     else:
         raise QRunError("give a Hugging Face directory or .gguf file to convert, or --random CONFIG")
-    opts = _options(a)
-    quantized = None
-    if a.calibrate:
-        from qrun.runtime.calibrate import calibrate
-        opts.method = a.method or "gptq"
-        quantized = calibrate(src, a.calibrate, opts, calib_tokens=a.calib_tokens, progress=not a.quiet)
-    report = convert(src, a.output, opts, progress=not a.quiet, quantized=quantized)
+    report = convert(src, a.output, _options(a), progress=not a.quiet)
     print(report.table(), file=sys.stderr)
     return 0
 
@@ -124,7 +119,8 @@ def add_parser(sub) -> None:
     p.add_argument("input")
     p.add_argument("output")
     _quant_args(p, with_scheme=False)
-    p.set_defaults(func=cmd_quantize)
+    # the seeds' step 1 is plain block-wise absmax (symmetric), embeddings kept
+    p.set_defaults(func=cmd_quantize, scheme="sym", embeddings="keep", method="rtn")
 
     p = sub.add_parser("compress", help="safetensors -> .stcmp (lossless)")
     p.add_argument("input")

@@ -30,21 +30,28 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 
 @dataclass
 class ConvertOptions:
+    # Defaults chosen by measurement (docs/QUALITY.md): INT4 g128 asym with GPTQ, embeddings int8.
     bits: int = 4  # 4 or 8 quantize the linear weights; 16 keeps every tensor lossless
     block_size: int = 128
-    scheme: str = "sym"  # sym | asym | nf4 (nf4 and asym need bits=4)
+    scheme: str | None = None  # sym | asym | nf4 (asym and nf4 need bits=4); None: asym at 4 bits, else sym
     double_quant: bool = False
-    embeddings: str = "keep"  # keep | int8 | int4: embed_tokens and an untied lm_head
+    embeddings: str = "int8"  # keep | int8 | int4: embed_tokens and an untied lm_head
     scale_dtype: str = "float16"
     level: int = 3  # zstd level
     threads: int | None = None
-    method: str = "rtn"  # rtn (absmax) | mse (data-free clip search) | a calibration method name
+    # gptq: calibrated on calib_text, or data-free on random token ids without it (INT4 only; INT8 is
+    # absmax, already within noise of BF16); rtn: absmax round-to-nearest; mse: data-free clip search.
+    method: str = "gptq"
+    calib_text: str | None = None
+    calib_tokens: int | None = None
 
     def __post_init__(self):
         if self.bits not in (4, 8, 16):
             raise QRunError(f"--bits must be 4, 8 or 16, not {self.bits}")
         if self.block_size not in (32, 64, 128, 256):
             raise QRunError(f"--block-size must be 32, 64, 128 or 256, not {self.block_size}")
+        if self.scheme is None:
+            self.scheme = "asym" if self.bits == 4 else "sym"
         if self.scheme not in ("sym", "asym", "nf4"):
             raise QRunError(f"--scheme must be sym, asym or nf4, not {self.scheme}")
         if self.scheme != "sym" and self.bits == 8:
@@ -55,6 +62,10 @@ class ConvertOptions:
             raise QRunError(f"scale dtype must be float16 or float32, not {self.scale_dtype}")
         if not -7 <= self.level <= 22:
             raise QRunError(f"--level must be in [-7, 22], not {self.level}")
+        if self.method not in ("gptq", "rtn", "mse"):
+            raise QRunError(f"--method must be gptq, rtn or mse, not {self.method}")
+        if self.calib_text is not None and (self.method != "gptq" or self.bits != 4):
+            raise QRunError("--calibrate needs --bits 4 and --method gptq")
 
     @property
     def weight_encoding(self) -> str | None:
@@ -260,6 +271,9 @@ def convert(src, out_path: str, opts: ConvertOptions | None = None, progress: bo
     opts = opts or ConvertOptions()
     if isinstance(src, (str, os.PathLike)):
         src = open_source(os.fspath(src))
+    if quantized is None and opts.method == "gptq" and opts.bits == 4 and not getattr(src, "random", False):
+        from qrun.runtime.calibrate import calibrate
+        quantized = calibrate(src, opts.calib_text, opts, calib_tokens=opts.calib_tokens, progress=progress)
     t0 = time.perf_counter()
     report = ConvertReport(output_path=os.fspath(out_path))
     names = list(src.names())
@@ -341,6 +355,9 @@ def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], out: str, metadat
 def quantize_safetensors(inp: str, out: str, opts: ConvertOptions) -> dict[str, Any]:
     """IN.safetensors -> OUT.safetensors with packed weights under their own names, plus `<name>.scales`
     (and `<name>.zeros`, ...). The scheme per tensor is in the metadata under "qrun.quant"."""
+    if opts.method == "gptq":
+        raise QRunError("qrun quantize rounds tensor by tensor (--method rtn or mse); GPTQ needs the whole "
+                        "model: use qrun convert")
     h = _safetensors_open(inp)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict[str, Any] = {}
