@@ -44,21 +44,20 @@ ROWS = {
 def run_row(name: str, a) -> dict:
     import torch
 
-    from qrun.runtime.calibrate import calibrate
     from qrun.runtime.convert import ConvertOptions, convert, open_source
     from qrun.runtime.evaluate import perplexity, read_text
     import qrun
 
     fields, how = ROWS[name]
-    opts = ConvertOptions(**fields, method=how)
+    fields = {"embeddings": "keep", **fields}  # rows say when they quantize embeddings
+    # gptq rows calibrate on calib.txt, gptq-rand rows on random token ids (convert() runs the calibration)
+    text = os.path.join(HERE, "data", "calib.txt") if how == "gptq" else None
+    opts = ConvertOptions(**fields, method="gptq" if how.startswith("gptq") else how, calib_text=text,
+                          calib_tokens=a.calib_tokens)
     src = open_source(a.model)
     t0 = time.perf_counter()
-    quantized = None
-    if how.startswith("gptq"):
-        text = os.path.join(HERE, "data", "calib.txt") if how == "gptq" else None
-        quantized = calibrate(src, text, opts, calib_tokens=a.calib_tokens, progress=True)
     out = os.path.join(a.workdir, f"{name}.stcmp")
-    report = convert(src, out, opts, progress=False, quantized=quantized)
+    report = convert(src, out, opts, progress=True)
     convert_s = time.perf_counter() - t0
     total = report.total()
     linear = {"params": 0, "stored": 0}
