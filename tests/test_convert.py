@@ -20,6 +20,7 @@ def test_convert_defaults(tiny_qwen2_dir, tmp_path, run_cli):
     r = Reader(out)
     assert r.header["quantization"] == {**r.header["quantization"], "bits": 4, "scheme": "asym", "block_size": 128,
                                         "embeddings": "int8", "method": "gptq"}
+    assert r.header["quantization"]["calibration"]["text"].startswith("random token ids")
     assert r.info("model.layers.0.mlp.up_proj.weight").encoding == "int4_asym"
     assert r.info("model.embed_tokens.weight").encoding == "int8_sym"
     assert r.info("model.norm.weight").encoding == "bf16"

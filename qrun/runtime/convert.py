@@ -253,11 +253,19 @@ def quantize_weight(name: str, w: torch.Tensor, encoding: str, opts: ConvertOpti
     return quantize(w, encoding, opts.block_size, scale_dtype, opts.double_quant, name=name, clip_ratio=clip)
 
 
-def quant_header(opts: ConvertOptions) -> dict[str, Any]:
-    return {"bits": opts.bits, "scheme": opts.scheme if opts.bits == 4 else "sym",
-            "block_size": opts.block_size, "scale_dtype": opts.scale_dtype,
-            "double_quant": opts.double_quant, "double_quant_group": DQ_GROUP if opts.double_quant else None,
-            "embeddings": opts.embeddings if opts.bits != 16 else "keep", "method": opts.method}
+def quant_header(opts: ConvertOptions, calibrated: bool = False) -> dict[str, Any]:
+    h = {"bits": opts.bits, "scheme": opts.scheme if opts.bits == 4 else "sym",
+         "block_size": opts.block_size, "scale_dtype": opts.scale_dtype,
+         "double_quant": opts.double_quant, "double_quant_group": DQ_GROUP if opts.double_quant else None,
+         "embeddings": opts.embeddings if opts.bits != 16 else "keep",
+         "method": opts.method if opts.bits == 4 else "rtn"}
+    if calibrated:  # what the GPTQ pass saw (no scales are folded: the stored layout is the plain one)
+        from qrun.runtime import calibrate as c
+        h["calibration"] = {
+            "text": os.path.basename(opts.calib_text) if opts.calib_text else "random token ids (data-free)",
+            "tokens": opts.calib_tokens or (c.DEFAULT_CALIB_TOKENS if opts.calib_text else c.DATA_FREE_TOKENS),
+            "ctx": c.CALIB_CTX, "act_order": c.ACT_ORDER, "damp": c.DAMP}
+    return h
 
 
 def convert(src, out_path: str, opts: ConvertOptions | None = None, progress: bool = True,
@@ -271,9 +279,11 @@ def convert(src, out_path: str, opts: ConvertOptions | None = None, progress: bo
     opts = opts or ConvertOptions()
     if isinstance(src, (str, os.PathLike)):
         src = open_source(os.fspath(src))
+    calibrated = quantized is not None
     if quantized is None and opts.method == "gptq" and opts.bits == 4 and not getattr(src, "random", False):
         from qrun.runtime.calibrate import calibrate
         quantized = calibrate(src, opts.calib_text, opts, calib_tokens=opts.calib_tokens, progress=progress)
+        calibrated = True
     t0 = time.perf_counter()
     report = ConvertReport(output_path=os.fspath(out_path))
     names = list(src.names())
@@ -308,7 +318,7 @@ def convert(src, out_path: str, opts: ConvertOptions | None = None, progress: bo
                 bar.update(nbytes)
                 del t
             header = {"qrun_version": __version__, "config": src.config, "files": src.files,
-                      "quantization": quant_header(opts)}
+                      "quantization": quant_header(opts, calibrated)}
             w.close(header)
     finally:
         bar.close()
