@@ -21,15 +21,17 @@ import zstandard
 from qrun.runtime.convert import ConvertOptions, HFDirSource, convert
 from qrun.runtime.stcmp import Reader
 
+RTN = dict(method="rtn", embeddings="keep")  # the storage formats alone: absmax rounding, embeddings kept
 SETTINGS = [
     ("lossless (bits 16)", dict(bits=16)),
-    ("INT8 g128", dict(bits=8)),
-    ("INT4 g128 sym", dict(bits=4)),
-    ("INT4 g128 asym", dict(bits=4, scheme="asym")),
-    ("NF4 g64", dict(bits=4, scheme="nf4", block_size=64)),
-    ("INT4 g128 double-quant", dict(bits=4, double_quant=True)),
-    ("INT4 g128, embeddings int8", dict(bits=4, embeddings="int8")),
-    ("INT4 g128, embeddings int4", dict(bits=4, embeddings="int4")),
+    ("INT8 g128", dict(bits=8, **RTN)),
+    ("INT4 g128 sym", dict(bits=4, scheme="sym", **RTN)),
+    ("INT4 g128 asym", dict(bits=4, scheme="asym", **RTN)),
+    ("NF4 g64", dict(bits=4, scheme="nf4", block_size=64, **RTN)),
+    ("INT4 g128 sym, double-quant scales", dict(bits=4, scheme="sym", double_quant=True, **RTN)),
+    ("INT4 g128 sym, embeddings int8", dict(bits=4, scheme="sym", method="rtn", embeddings="int8")),
+    ("INT4 g128 sym, embeddings int4", dict(bits=4, scheme="sym", method="rtn", embeddings="int4")),
+    ("default: INT4 g128 asym, GPTQ (data-free), embeddings int8", dict()),
 ]
 
 
