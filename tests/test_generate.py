@@ -282,3 +282,32 @@ def test_demo_greedy_matches_transformers():
     theirs = theirs[:next((i for i, t in enumerate(theirs) if t in llm.eos_ids), len(theirs))]
     assert ours == theirs and len(ours) >= 5
     assert "Paris" in llm.tokenizer.decode(ours)
+
+
+def test_chunked_prefill_equals_one_shot(tmp_path):
+    """A prompt prefilled in chunks (each attending to the cache the earlier ones wrote) gives the logits and
+    the cache of a one-shot prefill, so long prompts need no prompt-sized activation buffer."""
+    import qrun.runtime.generate as g
+    path = tm.tmpfile(tmp_path)
+    tm.write_stcmp(path, tm.make_hf("qwen2"), tm.tokenizer_files(tm.make_tokenizer()))
+    ids = torch.randint(0, tm.VOCAB, (1, 11), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for chunk in (100, 3):
+        model = qrun.load(path, device="cpu", dtype=torch.float32, progress=False, max_seq_len=32).model
+        last = g.prefill(model, ids, torch.arange(11), chunk=chunk)
+        nxt = g.decode_one(model, ids[:, :1], torch.tensor([11]))
+        outs.append((last, nxt))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_too_big_names_the_largest_that_fits():
+    from qrun.errors import QRunError
+    from qrun.models.llama import ModelArgs
+    from qrun.runtime.loader import KV_WORKSPACE, check_kv_cache_fits
+    a = ModelArgs(model_type="qwen2", vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                  intermediate_size=128)
+    per_pos = 2 * 2 * 2 * 16 * 2  # K and V x layers x kv heads x head_dim x bf16 bytes
+    check_kv_cache_fits(a, 1000, torch.bfloat16, KV_WORKSPACE + 1000 * per_pos)  # fits exactly
+    with pytest.raises(QRunError, match=r"use --max-seq-len 999 or less"):
+        check_kv_cache_fits(a, 1000, torch.bfloat16, KV_WORKSPACE + 1000 * per_pos - 1)

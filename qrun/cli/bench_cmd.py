@@ -20,7 +20,8 @@ def cmd_bench(a) -> int:
     pct = f" ({r['pct_of_copy']:.0f}% of the {r['copy_gbps']:.0f} GB/s copy bandwidth)" if r["pct_of_copy"] else ""
     print(f"model        {r['model']} on {r['device']}, batch {r['batch']}, "
           f"cuda graph {'on' if r['cuda_graph'] else 'off'}")
-    print(f"load         {r['load_s']:.2f} s")
+    print(f"load         {r['load_s']:.2f} s ({r['load_gbps_compressed']:.2f} GB/s of file, "
+          f"{r['load_gbps_raw']:.2f} GB/s decompressed)")
     print(f"prefill      {r['prefill_tok_s']:.0f} tok/s ({r['prompt_len']} tokens; time to first token "
           f"{r['ttft_s'] * 1e3:.1f} ms)")
     print(f"decode       {r['decode_tok_s']:.1f} tok/s ({r['gen_len']} tokens, median of {a.runs} runs)")

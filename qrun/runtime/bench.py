@@ -83,6 +83,10 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress, graph=graph)
     _sync(dev)
     load_s = time.perf_counter() - t0
+    from qrun.runtime.stcmp import Reader
+    r = Reader(path)
+    file_bytes, raw_bytes = r.size, sum(t.raw_bytes for t in r.tensors.values())
+    r.close()
     model = llm.model
     vocab = model.args.vocab_size
     step = llm.decode_step
@@ -119,7 +123,8 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
            "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "max_seq_len": max_seq_len,
            "cuda_graph": bool(graph and dev.type == "cuda"),
            "warmup_s": warmup_s,
-           "load_s": load_s, "ttft_s": ttft, "prefill_tok_s": prompt_len / ttft,
+           "load_s": load_s, "load_gbps_compressed": file_bytes / load_s / 1e9,
+           "load_gbps_raw": raw_bytes / load_s / 1e9, "ttft_s": ttft, "prefill_tok_s": prompt_len / ttft,
            "decode_tok_s": decode_tok_s,
            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
            "bytes_per_token": bpt, "achieved_gbps": bpt["total"] * decode_tok_s / 1e9,

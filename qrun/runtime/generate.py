@@ -22,11 +22,22 @@ from qrun.runtime.sampling import SamplingParams, sample
 from qrun.runtime.tokenizer import StreamDecoder, Tokenizer
 
 
+PREFILL_CHUNK = 1024  # tokens per prefill forward: activations stay (B, 1024, D) however long the prompt
+
+
 @torch.inference_mode()
-def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-    """tokens (B, T), input_pos (T,) -> logits of the last position (B, V) float32; fills the KV cache.
+def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None,
+            chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """tokens (B, T) at contiguous positions input_pos (T,) -> logits of the last position (B, V) float32;
+    fills the KV cache. Runs in chunks of `chunk` tokens, each attending to the cache the earlier chunks
+    wrote, so a long prompt needs no (B, T, D)-sized activation buffer (nor (B, T, T) scores).
     kv_len (host int): attend over cache positions [0, kv_len) only (see Transformer.forward)."""
-    return model(tokens, input_pos, last_only=True, kv_len=kv_len)[:, -1].float()
+    t = tokens.shape[1]
+    for i in range(0, t, chunk):
+        j = min(i + chunk, t)
+        kv = None if kv_len is None else kv_len - (t - j)  # the cache filled up to this chunk's end
+        logits = model(tokens[:, i:j], input_pos[i:j], last_only=True, kv_len=kv)
+    return logits[:, -1].float()
 
 
 @torch.inference_mode()

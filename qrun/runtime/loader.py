@@ -254,6 +254,23 @@ def eos_ids(header: dict[str, Any], tokenizer: Tokenizer | None) -> set[int]:
     return ids
 
 
+KV_WORKSPACE = 512 << 20  # GPU bytes kept free beside the KV cache: activations, logits, graph pool
+
+
+def check_kv_cache_fits(args: ModelArgs, max_seq_len: int, dtype: torch.dtype, free_bytes: int,
+                        batch: int = 1) -> None:
+    """Raise a QRunError naming the largest max_seq_len that fits when the KV cache (2 x layers x batch x
+    kv_heads x max_seq_len x head_dim, in `dtype`) plus a small workspace exceeds the free GPU memory."""
+    per_pos = 2 * args.n_layers * batch * args.n_kv_heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+    need = per_pos * max_seq_len
+    if need + KV_WORKSPACE <= free_bytes:
+        return
+    largest = max(0, (free_bytes - KV_WORKSPACE) // per_pos)
+    hint = f"use --max-seq-len {largest} or less" if largest >= 2 else "the weights leave no room for it"
+    raise QRunError(f"the KV cache for max_seq_len {max_seq_len} needs {need / 2**30:.2f} GiB but only "
+                    f"{free_bytes / 2**30:.2f} GiB of GPU memory is free after the weights: {hint}")
+
+
 def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max_seq_len: int | None = None,
          dtype: str | torch.dtype | None = None, *, dequantize: bool | None = None, progress: bool = True,
          threads: int | None = None, prefetch_bytes: int = PREFETCH_BYTES,
@@ -336,6 +353,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max
     for n, b in list(model.named_buffers()):
         if b is not None and b.is_meta:
             raise QRunError(f"internal error: {n} was not loaded")  # plan() should make this impossible
+    if dev.type == "cuda":
+        check_kv_cache_fits(args, max_seq_len, dtype, torch.cuda.mem_get_info(dev)[0])
     model.setup_caches(1, max_seq_len, dev, dtype)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
