@@ -8,8 +8,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory):
-    from tiny import make_tiny_hf_dir
-    return make_tiny_hf_dir(str(tmp_path_factory.mktemp("tiny_qwen2")), "qwen2")
+    from tiny_models import make_hf_dir
+    return make_hf_dir(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
 
 
 @pytest.fixture

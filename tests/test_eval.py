@@ -9,7 +9,7 @@ import pytest
 import torch
 
 TEXT = ("the quick brown fox jumps over the lazy dog. hello world, this is qrun counting numbers 0123456789 "
-        "and symbols !?.,;: while a naive model reads héllo wörld. ") * 6
+        "and symbols !?.,;: while a naive model reads héllo wörld. ") * 6 + "The end."
 
 
 @pytest.fixture(scope="module")

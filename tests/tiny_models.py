@@ -130,3 +130,12 @@ def file_weights(path):
 
 def tmpfile(tmp_path, name="m.stcmp"):
     return os.fspath(tmp_path / name)
+
+
+def make_hf_dir(path, kind="qwen2", dtype=torch.bfloat16, **over):
+    """A checkpoint directory as transformers writes it (config.json, safetensors, tokenizer.json and
+    tokenizer config with the chat template), of a tiny random model with tied embeddings."""
+    over.setdefault("tie_word_embeddings", True)
+    make_hf(kind, **over).to(dtype).save_pretrained(path, safe_serialization=True)
+    hf_tokenizer(make_tokenizer()).save_pretrained(path)
+    return str(path)

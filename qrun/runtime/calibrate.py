@@ -327,16 +327,8 @@ _GROUPS = (
 def read_calibration_tokens(tokenizer, text_path: str, n_tokens: int, ctx: int) -> torch.Tensor:
     """The first n_tokens tokens of the file, cut into whole windows: (windows, ctx) long."""
     from qrun.errors import QRunError
-    try:
-        with open(text_path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise QRunError(f"{text_path}: no such calibration text file") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise QRunError(f"{text_path}: not a UTF-8 text file ({type(e).__name__})") from None
-    if not text.strip():
-        raise QRunError(f"{text_path}: the calibration text is empty")
-    ids = tokenizer.encode(text, add_special_tokens=False)[:n_tokens]
+    from qrun.runtime.evaluate import read_text
+    ids = tokenizer.encode(read_text(text_path), add_special_tokens=False)[:n_tokens]
     if len(ids) < ctx:
         raise QRunError(f"{text_path}: the calibration text has {len(ids)} tokens, fewer than one window of "
                         f"{ctx}; give a longer text")
