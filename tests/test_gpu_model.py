@@ -27,7 +27,10 @@ def test_cuda_logits_match_cpu(model_file):
         a = cpu.model(ids)
         b = gpu.model(ids.cuda()).cpu()
     assert torch.isfinite(b).all()
-    assert (a - b).abs().max() <= 2e-3 * a.abs().max()
+    # The GPU GEMM runs tl.dot in tf32 for float32 activations (~1e-3 relative per matmul)
+    err = ((a - b).abs().max() / a.abs().max()).item()
+    print(f"relative error {err:.2e}")
+    assert err <= 1e-2
 
 
 def test_graph_decode_equals_eager(model_file):
@@ -63,16 +66,16 @@ def test_generate_on_cuda_matches_cpu_greedy(model_file):
 
 
 def test_fused_decode_matches_full_forward(model_file):
-    """The decode step (fused RoPE/cache write, decode attention, fused norms) gives the logits a full
-    forward over the whole sequence gives at its last position."""
+    """Feeding the tokens one at a time through the GPU decode step (fused RoPE + cache write, flash-decoding
+    attention, fused norms, GEMV; float32, no tf32 anywhere) gives the logits of the exact float32 CPU
+    forward over the whole sequence at every position."""
     import qrun
-    from qrun.runtime.generate import prefill
-    llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=64, graph=False)
-    ids = torch.randint(0, llm.model.args.vocab_size, (1, 15), device="cuda")
+    cpu = qrun.load(model_file, device="cpu", dtype="float32", progress=False, max_seq_len=64)
+    gpu = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=64, graph=False)
+    ids = torch.randint(0, cpu.model.args.vocab_size, (1, 15))
     with torch.inference_mode():
-        full = llm.model(ids)[0].float()  # (15, V), no cache
-        prefill(llm.model, ids[:, :10], torch.arange(10, device="cuda"))
-        for t in range(10, 15):
-            step = llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda"))[0]
+        full = cpu.model(ids)[0].float()  # (15, V), no cache
+        for t in range(15):
+            step = gpu.decode_step(ids[:, t:t + 1].cuda(), torch.tensor([t], device="cuda"))[0].cpu()
             assert torch.isfinite(step).all()
-            assert (step - full[t]).abs().max() <= 2e-3 * full[t].abs().max(), t
+            assert (step - full[t]).abs().max() <= 1e-3 * full[t].abs().max(), t
