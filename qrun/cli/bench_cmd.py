@@ -24,9 +24,10 @@ def cmd_bench(a) -> int:
           f"{r['load_gbps_raw']:.2f} GB/s decompressed)")
     print(f"prefill      {r['prefill_tok_s']:.0f} tok/s ({r['prompt_len']} tokens; time to first token "
           f"{r['ttft_s'] * 1e3:.1f} ms)")
-    print(f"decode       {r['decode_tok_s']:.1f} tok/s ({r['gen_len']} tokens, median of {a.runs} runs)")
+    print(f"decode       {r['decode_tok_s']:.1f} tok/s ({r['gen_len']} tokens x batch {r['batch']}, "
+          f"median of {a.runs} runs)")
     print(f"bandwidth    {r['achieved_gbps']:.0f} GB/s{pct}; "
-          f"{r['bytes_per_token']['total'] / 1e6:.1f} MB read per token")
+          f"{r['bytes_per_token']['total'] / 1e6:.1f} MB read per decode step")
     if r["peak_gpu_bytes"]:
         print(f"peak memory  {r['peak_gpu_bytes'] / 2**30:.2f} GiB")
     if "hf" in r:
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help=".stcmp file (default: the demo model)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (tok/s counts all)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default prompt + gen)")

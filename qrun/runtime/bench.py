@@ -69,8 +69,8 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     from qrun.runtime.generate import prefill
     from qrun.runtime.loader import resolve_device
 
-    if batch != 1:
-        raise QRunError("qrun bench measures batch 1 for now (--batch 1)")
+    if batch < 1:
+        raise QRunError(f"--batch must be at least 1, not {batch}")
     if prompt_len < 1 or gen_len < 2:
         raise QRunError("--prompt-len must be >= 1 and --gen-len >= 2")
     dev = resolve_device(device)
@@ -80,7 +80,8 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     max_seq_len = max_seq_len or (prompt_len + gen_len)
     _sync(dev)
     t0 = time.perf_counter()
-    llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress, graph=graph)
+    llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress, graph=graph,
+                    max_batch=batch)
     _sync(dev)
     load_s = time.perf_counter() - t0
     from qrun.runtime.stcmp import Reader
@@ -92,25 +93,25 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     step = llm.decode_step
 
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g).to(dev)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(dev)  # (B, T)
     positions = torch.arange(prompt_len, device=dev)
 
     def one_run():
         _sync(dev)
         t = time.perf_counter()
         logits = prefill(model, prompt, positions)
-        tok = logits.argmax(-1)
-        int(tok.item())
+        tok = logits.argmax(-1)  # (B,)
+        tok.tolist()
         ttft = time.perf_counter() - t
         pos = torch.tensor([prompt_len], device=dev)
         t = time.perf_counter()
         for _ in range(gen_len - 1):
-            logits = step(tok.view(1, 1), pos)
+            logits = step(tok.view(batch, 1), pos)
             tok = logits.argmax(-1)
-            int(tok.item())  # the host sync a real generation loop makes per token
+            tok.tolist()  # the host sync a real generation loop makes per step
             pos += 1
         dec = time.perf_counter() - t
-        return ttft, (gen_len - 1) / dec
+        return ttft, batch * (gen_len - 1) / dec  # tokens/s over the whole batch
 
     t = time.perf_counter()
     one_run()  # warm-up: Triton autotuning, graph capture
@@ -118,16 +119,16 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     results = [one_run() for _ in range(runs)]
     ttft = statistics.median(r[0] for r in results)
     decode_tok_s = statistics.median(r[1] for r in results)
-    bpt = bytes_per_token(model, batch, prompt_len + gen_len // 2)
+    bpt = bytes_per_token(model, batch, prompt_len + gen_len // 2)  # per decode step (all B sequences)
     out = {"model": path, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "max_seq_len": max_seq_len,
            "cuda_graph": bool(graph and dev.type == "cuda"),
            "warmup_s": warmup_s,
            "load_s": load_s, "load_gbps_compressed": file_bytes / load_s / 1e9,
-           "load_gbps_raw": raw_bytes / load_s / 1e9, "ttft_s": ttft, "prefill_tok_s": prompt_len / ttft,
-           "decode_tok_s": decode_tok_s,
+           "load_gbps_raw": raw_bytes / load_s / 1e9, "ttft_s": ttft, "prefill_tok_s": batch * prompt_len / ttft,
+           "decode_tok_s": decode_tok_s,  # all sequences together; per sequence: / batch
            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
-           "bytes_per_token": bpt, "achieved_gbps": bpt["total"] * decode_tok_s / 1e9,
+           "bytes_per_token": bpt, "achieved_gbps": bpt["total"] * decode_tok_s / batch / 1e9,
            "copy_gbps": copy_gbps}
     out["pct_of_copy"] = 100 * out["achieved_gbps"] / copy_gbps if copy_gbps == copy_gbps else None
     if compare_hf:
@@ -182,6 +183,6 @@ def bench_hf(path: str, dev: torch.device, prompt: torch.Tensor, gen_len: int, r
         _sync(dev)
         tn = time.perf_counter() - t
         if i:
-            times.append((t1, (gen_len - 1) / max(tn - t1, 1e-9)))
+            times.append((t1, prompt.shape[0] * (gen_len - 1) / max(tn - t1, 1e-9)))
     return {"dtype": str(dtype).replace("torch.", ""), "ttft_s": statistics.median(t[0] for t in times),
             "decode_tok_s": statistics.median(t[1] for t in times)}

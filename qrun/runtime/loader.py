@@ -274,14 +274,15 @@ def check_kv_cache_fits(args: ModelArgs, max_seq_len: int, dtype: torch.dtype, f
 def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max_seq_len: int | None = None,
          dtype: str | torch.dtype | None = None, *, dequantize: bool | None = None, progress: bool = True,
          threads: int | None = None, prefetch_bytes: int = PREFETCH_BYTES,
-         require_tokenizer: bool = False, graph: bool = True) -> LLM:
+         require_tokenizer: bool = False, graph: bool = True, max_batch: int = 1) -> LLM:
     """Load a .stcmp model. device: "cpu" | "cuda" | "cuda:N" | None (cuda if available).
     max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
     dtype: compute dtype (default bfloat16 on CUDA, float32 on the CPU).
     dequantize: expand quantized weights to dense at load (default: on the CPU only).
     A file without a tokenizer (random-weight benchmark models) loads with .tokenizer None, and the text
     methods say so; require_tokenizer=True refuses it before any weight is read.
-    graph: on CUDA, replay the decode step as a captured CUDA graph (default on)."""
+    graph: on CUDA, replay the decode step as a captured CUDA graph (default on).
+    max_batch: sequences the KV cache holds (generate() runs one; qrun bench --batch runs several)."""
     dev = resolve_device(device)
     if isinstance(dtype, str):
         if dtype not in _DTYPE_NAMES:
@@ -306,6 +307,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max
     limit = args.max_position_embeddings
     if max_seq_len is None:
         max_seq_len = min(limit, DEFAULT_MAX_SEQ)
+    if max_batch < 1:
+        raise QRunError(f"max_batch must be at least 1, not {max_batch}")
     if max_seq_len < 2:
         raise QRunError(f"max_seq_len must be at least 2, not {max_seq_len}")
     if max_seq_len > limit:
@@ -354,8 +357,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = "cpu", max
         if b is not None and b.is_meta:
             raise QRunError(f"internal error: {n} was not loaded")  # plan() should make this impossible
     if dev.type == "cuda":
-        check_kv_cache_fits(args, max_seq_len, dtype, torch.cuda.mem_get_info(dev)[0])
-    model.setup_caches(1, max_seq_len, dev, dtype)
+        check_kv_cache_fits(args, max_seq_len, dtype, torch.cuda.mem_get_info(dev)[0], max_batch)
+    model.setup_caches(max_batch, max_seq_len, dev, dtype)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     llm = LLM(model, tokenizer, cfg, device=dev, max_seq_len=max_seq_len, eos_ids=eos_ids(header, tokenizer),
