@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from qrun.errors import QRunError
@@ -30,15 +29,8 @@ def _options(a):
                           calib_text=getattr(a, "calibrate", None), calib_tokens=getattr(a, "calib_tokens", None))
 
 
-def _out_dir_exists(path):
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise QRunError(f"output directory {d} does not exist")
-
-
 def cmd_convert(a) -> int:
     from qrun.runtime.convert import convert, open_source
-    _out_dir_exists(a.output)
     if a.random:
         src = open_source("random:" + a.random)
     elif a.input:
@@ -52,7 +44,6 @@ def cmd_convert(a) -> int:
 
 def cmd_quantize(a) -> int:
     from qrun.runtime.convert import quantize_safetensors
-    _out_dir_exists(a.output)
     q = quantize_safetensors(a.input, a.output, _options(a))
     print(f"quantized {len(q)} tensors -> {a.output}", file=sys.stderr)
     return 0
@@ -60,7 +51,6 @@ def cmd_quantize(a) -> int:
 
 def cmd_compress(a) -> int:
     from qrun.runtime.convert import compress_safetensors
-    _out_dir_exists(a.output)
     report = compress_safetensors(a.input, a.output, level=a.level, threads=a.threads, progress=not a.quiet)
     print(report.table(), file=sys.stderr)
     return 0
@@ -68,7 +58,6 @@ def cmd_compress(a) -> int:
 
 def cmd_decompress(a) -> int:
     from qrun.runtime.convert import decompress_stcmp
-    _out_dir_exists(a.output)
     n = decompress_stcmp(a.input, a.output)
     print(f"wrote {n} tensors -> {a.output}", file=sys.stderr)
     return 0

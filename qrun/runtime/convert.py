@@ -21,7 +21,7 @@ import torch
 from qrun import __version__
 from qrun.errors import QRunError
 from qrun.quant import DQ_GROUP, QuantizedTensor, quantize
-from qrun.runtime.stcmp import DTYPE_NAMES, DTYPES, Reader, Writer
+from qrun.runtime.stcmp import DTYPE_NAMES, DTYPES, Reader, Writer, output_dir, publish
 
 LOSSLESS_ENCODING = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SMALL_TENSOR_BYTES = 1024  # kept as they are: too small for scales to pay
@@ -277,6 +277,7 @@ def convert(src, out_path: str, opts: ConvertOptions | None = None, progress: bo
     """
     from tqdm import tqdm
     opts = opts or ConvertOptions()
+    output_dir(out_path)  # before reading or calibrating anything
     if isinstance(src, (str, os.PathLike)):
         src = open_source(os.fspath(src))
     calibrated = quantized is not None
@@ -346,17 +347,11 @@ def _safetensors_open(path: str):
 def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], out: str, metadata: dict[str, str]) -> None:
     import tempfile
     from safetensors.torch import save_file
-    d = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(d):
-        raise QRunError(f"output directory {d} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".qrun-", suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=".qrun-", suffix=".tmp", dir=output_dir(out))
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -365,6 +360,7 @@ def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], out: str, metadat
 def quantize_safetensors(inp: str, out: str, opts: ConvertOptions) -> dict[str, Any]:
     """IN.safetensors -> OUT.safetensors with packed weights under their own names, plus `<name>.scales`
     (and `<name>.zeros`, ...). The scheme per tensor is in the metadata under "qrun.quant"."""
+    output_dir(out)
     if opts.method == "gptq":
         raise QRunError("qrun quantize rounds tensor by tensor (--method rtn or mse); GPTQ needs the whole "
                         "model: use qrun convert")
@@ -394,6 +390,7 @@ def compress_safetensors(inp: str, out: str, level: int = 3, threads: int | None
                          progress: bool = True) -> ConvertReport:
     """Any safetensors file (plain, or written by quantize_safetensors) -> .stcmp, losslessly."""
     from tqdm import tqdm
+    output_dir(out)
     t0 = time.perf_counter()
     h = _safetensors_open(inp)
     meta = dict(h.metadata() or {})
@@ -432,6 +429,7 @@ def compress_safetensors(inp: str, out: str, level: int = 3, threads: int | None
 
 def decompress_stcmp(inp: str, out: str, threads: int = 4) -> int:
     """.stcmp -> safetensors holding exactly the stored tensors (quantized ones as packed + parts)."""
+    output_dir(out)
     r = Reader(inp)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict[str, Any] = {}

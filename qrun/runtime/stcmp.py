@@ -75,6 +75,24 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 # ------------------------------------------------------------------------------------------------ write
 
+def output_dir(path: str | os.PathLike) -> str:
+    """The directory a new file at `path` will go into; FileNotFoundError if it does not exist. Writers call
+    it before any long work, so a bad output path fails at once."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"output directory {directory} does not exist")
+    return directory
+
+
+def publish(tmp: str, path: str | os.PathLike) -> None:
+    """Give a finished temporary file a normal file's mode (mkstemp made it 0600) and rename it into place:
+    readers see the old file or the whole new one, never a partial one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 class Writer:
     """Streams tensor parts into a temporary file next to `path`; `close()` renames it into place.
 
@@ -85,9 +103,7 @@ class Writer:
     def __init__(self, path: str | os.PathLike, level: int = DEFAULT_LEVEL, threads: int | None = None,
                  chunk_bytes: int = CHUNK_BYTES):
         self.path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"output directory {directory} does not exist")
+        directory = output_dir(self.path)
         if not -7 <= level <= 22:
             raise ValueError(f"zstd level must be in [-7, 22], not {level}")
         fd, self._tmp = tempfile.mkstemp(prefix=".stcmp-", suffix=".tmp", dir=directory)
@@ -150,12 +166,9 @@ class Writer:
         self._f.write(FOOTER.pack(self._pos, len(blob), zlib.crc32(blob), FORMAT_VERSION, END_MAGIC))
         self._f.flush()
         os.fsync(self._f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(self._f.fileno(), 0o666 & ~umask)  # mkstemp made it 0600; give it a normal file's mode
         self._f.close()
         self._pool.shutdown()
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
         self._closed = True
 
     def abort(self) -> None:
