@@ -60,7 +60,7 @@ def main() -> None:
         for label, kw in SETTINGS:
             out = os.path.join(d, "m.stcmp")
             t0 = time.perf_counter()
-            rep = convert(src, out, ConvertOptions(level=a.level, **kw), progress=False)
+            convert(src, out, ConvertOptions(level=a.level, **kw), progress=False)
             dt = time.perf_counter() - t0
             r = Reader(out)
             q = [t for t in r.tensors.values() if t.encoding.startswith(("int", "nf"))]

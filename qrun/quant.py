@@ -60,10 +60,6 @@ class QuantizedTensor:
         return sum(p.numel() * p.element_size() for p in self.parts.values())
 
 
-def encoding_bits(encoding: str) -> int:
-    return 8 if encoding.startswith("int8") else 4
-
-
 # ----------------------------------------------------------------------------------------------- packing
 
 def pack_int4(q: torch.Tensor, first: str = "low") -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -21,7 +21,7 @@ import torch
 from qrun import __version__
 from qrun.errors import QRunError
 from qrun.quant import DQ_GROUP, QuantizedTensor, quantize
-from qrun.runtime.stcmp import DTYPE_NAMES, DTYPES, Reader, Writer, output_dir, publish
+from qrun.runtime.stcmp import DTYPE_NAMES, DTYPES, Reader, Writer, entry_bytes, output_dir, publish
 
 LOSSLESS_ENCODING = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SMALL_TENSOR_BYTES = 1024  # kept as they are: too small for scales to pay
@@ -221,9 +221,6 @@ class ConvertReport:
                 t[k] += r[k]
         return t
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total()}
-
     def table(self) -> str:
         lines = [f"{'tensors':<22}{'params':>14}{'original MB':>13}{'quantized MB':>14}{'stored MB':>11}"
                  f"{'ratio':>8}{'bits/param':>12}"]
@@ -236,12 +233,6 @@ class ConvertReport:
         lines.append(f"file {self.output_path}: {self.output_bytes / 1e6:.2f} MB, "
                      f"converted in {self.seconds:.1f} s ({mbps:.0f} MB/s of input)")
         return "\n".join(lines)
-
-
-def _stored(entry: dict[str, Any]) -> tuple[int, int]:
-    raw = sum(c[2] for p in entry["parts"].values() for c in p["chunks"])
-    stored = sum(c[1] for p in entry["parts"].values() for c in p["chunks"])
-    return raw, stored
 
 
 def quantize_weight(name: str, w: torch.Tensor, encoding: str, opts: ConvertOptions) -> QuantizedTensor:
@@ -314,7 +305,7 @@ def convert(src, out_path: str, opts: ConvertOptions | None = None, progress: bo
                     entry = w.add(name, {"data": t}, LOSSLESS_ENCODING[t.dtype], list(t.shape),
                                   DTYPE_NAMES[t.dtype])
                     cls = "kept " + LOSSLESS_ENCODING[t.dtype]
-                report.add(cls, t.numel(), nbytes, *_stored(entry))
+                report.add(cls, t.numel(), nbytes, *entry_bytes(entry))
                 report.input_bytes += nbytes
                 bar.update(nbytes)
                 del t
@@ -417,7 +408,7 @@ def compress_safetensors(inp: str, out: str, level: int = 3, threads: int | None
                 enc = LOSSLESS_ENCODING.get(t.dtype, str(t.dtype).replace("torch.", ""))
                 entry = w.add(name, {"data": t}, enc, list(t.shape), DTYPE_NAMES[t.dtype])
                 cls, params, original = "kept " + enc, t.numel(), t.numel() * t.element_size()
-            raw, stored = _stored(entry)
+            raw, stored = entry_bytes(entry)
             report.add(cls, params, original, raw, stored)
             report.input_bytes += raw
         w.close({"qrun_version": __version__, "config": None, "files": {},

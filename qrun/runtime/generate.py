@@ -112,7 +112,7 @@ class LLM:
         if self.device.type != "cuda" or not graph:
             return self
         from qrun.runtime.cuda_graph import GraphedDecodeStep
-        self.decode_step = GraphedDecodeStep(lambda tok, pos: decode_one(self.model, tok, pos))
+        self.decode_step = GraphedDecodeStep(self.decode_step)  # the static-shape CUDA step set above
         return self
 
     # ------------------------------------------------------------------------------------------- input

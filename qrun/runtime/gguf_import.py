@@ -348,7 +348,7 @@ class GGUFSource:
     def _sentencepiece_bpe(self, tokens: list[str], types: list[int]):
         """SentencePiece BPE (tokenizer.ggml.model "llama") the way HF's LlamaTokenizerFast is built:
         '▁' for spaces, byte fallback <0xNN> tokens, merges from the file or derived from the scores."""
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
         r = self._reader
         vocab: dict[str, int] = {}
         for i, t in enumerate(tokens):

@@ -29,7 +29,7 @@ import torch
 from qrun.errors import QRunError
 from qrun.models import ModelArgs, Transformer
 from qrun.models.linear import Concat, Embedding, FusedSiluMul, Linear, QuantEmbedding, QuantLinear, SiluMul
-from qrun.quant import dequantize_parts, effective_scales
+from qrun.quant import ENCODINGS, dequantize_parts, effective_scales
 from qrun.runtime.generate import LLM
 from qrun.runtime.stcmp import DTYPES, Reader
 from qrun.runtime.tokenizer import Tokenizer
@@ -165,7 +165,7 @@ class _Builder:
 
     def _is_quant(self, name: str) -> bool:
         enc = self.reader.info(name).encoding
-        if enc not in LOSSLESS and enc not in ("int8_sym", "int4_sym", "int4_asym", "nf4"):
+        if enc not in LOSSLESS and enc not in ENCODINGS:
             raise QRunError(f"tensor {name!r} has an unknown encoding {enc!r} (a newer qrun wrote it?)")
         return enc not in LOSSLESS and not self.dequantize
 

@@ -7,7 +7,6 @@ on shapes and formats, so these files time exactly like real ones. They carry a 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -37,8 +36,8 @@ CONFIGS = {
 
 def named_config(name: str) -> dict:
     if os.path.isfile(name):
-        with open(name) as f:
-            return json.load(f)
+        from qrun.runtime.convert import _read_json  # a clear one-line error for a bad config.json
+        return _read_json(name)
     if name not in CONFIGS:
         raise QRunError(f"unknown config {name!r}: use one of {', '.join(CONFIGS)} or a config.json path")
     cfg = dict(CONFIGS[name])

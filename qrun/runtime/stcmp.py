@@ -192,6 +192,12 @@ class Writer:
 
 # ------------------------------------------------------------------------------------------------- read
 
+def entry_bytes(entry: dict[str, Any]) -> tuple[int, int]:
+    """(raw, stored) bytes of one tensor index entry, summed over its parts' chunks."""
+    chunks = [c for p in entry["parts"].values() for c in p["chunks"]]
+    return sum(c[2] for c in chunks), sum(c[1] for c in chunks)
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -202,11 +208,11 @@ class TensorInfo:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(c[1] for p in self.entry["parts"].values() for c in p["chunks"])
+        return entry_bytes(self.entry)[1]
 
     @property
     def raw_bytes(self) -> int:
-        return sum(c[2] for p in self.entry["parts"].values() for c in p["chunks"])
+        return entry_bytes(self.entry)[0]
 
 
 class Reader:
