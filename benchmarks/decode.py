@@ -16,10 +16,10 @@ import sys
 import time
 
 
-def qrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def qrun(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([sys.executable, "-m", "qrun.cli.main", *args], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(args, 124, "", f"timed out after {timeout} s")
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
-                    "graph,eager,prefill1024,hf (transformers BF16 on the same weights)")
+                    "graph,nopdl (graph without programmatic dependent launch),eager,prefill1024,hf (transformers BF16 on the same weights)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -45,13 +45,15 @@ def main() -> None:
         if p.returncode:
             continue
         runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
+                ("nopdl", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # graph, QRUN_PDL=0
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
                 ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),
                 ("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"])]
         for label, extra in runs:
             if label not in a.runs.split(","):
                 continue
-            p = qrun("bench", "--model", path, "--device", "cuda", "--json", *extra)
+            p = qrun("bench", "--model", path, "--device", "cuda", "--json", *extra,
+                     env={"QRUN_PDL": "0"} if label == "nopdl" else None)
             if p.returncode:
                 print(f"[{cfg}] {label}: FAILED {p.stderr.strip()[-500:]}", flush=True)
                 continue

@@ -27,6 +27,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qrun.kernels.ops as ops  # noqa: E402
+import qrun.kernels.pdl as pdl  # noqa: E402
 from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
 from qrun.kernels.reference import parts_of  # noqa: E402
 from qrun.quant import dequantize_parts, quantize  # noqa: E402
@@ -39,7 +40,7 @@ SHAPES = [  # (model, K, N, gate+up?)
 ]
 MS = [1, 2, 4, 8, 16, 64, 256, 1024]
 ENC, BLOCK = "int4_sym", 128
-SWEEP = ("0.5B qkv", "0.5B gate+up", "0.5B down", "7B qkv", "7B down", "7B lm_head")
+SWEEP = ("0.5B qkv", "0.5B o", "0.5B gate+up", "0.5B down", "7B qkv", "7B o", "7B gate+up", "7B down", "7B lm_head")
 ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2
 
 
@@ -178,6 +179,13 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
         if m > 1:
             diag["split_k"] = ops.LAST["gemm_split"]
         t_eager = ms_eager(fns[0]) if m == 1 else None
+        t_nopdl = None
+        if m == 1 and pdl.pdl_enabled(0):  # the same calls launched without programmatic dependent launch
+            os.environ["QRUN_PDL"] = "0"
+            pdl.pdl_enabled.cache_clear()
+            t_nopdl = ms_graph(fns)
+            del os.environ["QRUN_PDL"]
+            pdl.pdl_enabled.cache_clear()
         del fns
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(nc_b, nc_i))]
         t_cublas = ms_graph([lambda x=xs[i], w=w: F.linear(x, w) for i, w in enumerate(ws)])
@@ -190,12 +198,13 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
         gbs = nbytes / (t_ours * 1e-3) / 1e9
         rows.append(dict(shape=name, K=k, N=n, M=m, ours_us=t_ours * 1e3, ours_eager_us=None if t_eager is None
                          else t_eager * 1e3, bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / copy_bw,
-                         cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
+                         nopdl_us=None if t_nopdl is None else t_nopdl * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
                          int4pack_us=None if t_i4 is None else t_i4 * 1e3,
                          x_int4pack=None if t_i4 is None else t_i4 / t_ours,
                          TFLOPs=2 * m * n * k / (t_ours * 1e-3) / 1e12, diag=diag))
         r = rows[-1]
-        print(f"  {name:14s} M={m:5d} ours {r['ours_us']:8.2f} us  {gbs:7.0f} GB/s  {r['pct_copy']:5.1f}%  "
+        print(f"  {name:14s} M={m:5d} ours {r['ours_us']:8.2f} us (no PDL {r['nopdl_us'] or 0:.2f})  "
+              f"{gbs:7.0f} GB/s  {r['pct_copy']:5.1f}%  "
               f"cuBLAS {r['cublas_us']:8.2f} us (x{r['x_cublas']:.2f})  int4pack "
               f"{'-' if t_i4 is None else f'{t_i4 * 1e3:8.2f}'} us  {diag}", flush=True)
         del xs
@@ -226,7 +235,7 @@ def sweep_gemv4(shapes):
             res.append((t, cfg))
             del fns
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
-        lines.append(f"{name:14s} " + "  ".join(f"{t:.2f}us {c['BLOCK_N']}/{c['G']}/{c['num_warps']}w/{c['num_stages']}s"
+        lines.append(f"{name:14s} " + "  ".join(f"{t:.2f}us {c['BLOCK_N']}/{c['G']}/{c['num_warps']}w/p{c['PER_SM']}"
                                             for t, c in res[:6]))
         print("  sweep " + lines[-1], flush=True)
     return lines
@@ -273,17 +282,18 @@ def main():
 
     print(f"\n{meta['device']}, copy {copy_bw / 1e9:.0f} GB/s, empty launch {empty_graph:.2f} us (graph) / "
           f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16, times per call inside a CUDA graph")
-    print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
+    print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'noPDL':>7s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
           f"{'cuBLAS':>8s} {'x':>5s} {'int4pk':>8s} {'x':>5s} {'TFLOP/s':>7s}")
     for r in rows:
         i4 = "-" if r["int4pack_us"] is None else f"{r['int4pack_us']:8.2f}"
         xi4 = "-" if r["x_int4pack"] is None else f"{r['x_int4pack']:5.2f}"
         eg = "" if r["ours_eager_us"] is None else f"{r['ours_eager_us']:7.2f}"
+        npdl = "" if r["nopdl_us"] is None else f"{r['nopdl_us']:7.2f}"
         print(f"{r['shape']:14s} {str(r['K']) + '->' + str(r['N']):>12s} {r['M']:5d} {r['ours_us']:8.2f} "
-              f"{eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
+              f"{npdl:>7s} {eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
               f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}")
     if sweep:
-        print("word-GEMV configs at M = 1, fastest first (time BLOCK_N/G/warps/stages):")
+        print("word-GEMV configs at M = 1, fastest first (time BLOCK_N/G/warps/programs per SM, 0 = one per row block):")
         print("\n".join(sweep))
 
 

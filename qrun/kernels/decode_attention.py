@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -27,8 +29,11 @@ def decode_attention_kernel(
     H, KV, S, CHUNK, scale,
     # meta
     G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # pdl.py: q and the caches come from earlier kernels
+        gdc_wait()
+        gdc_launch_dependents()
     bk = tl.program_id(0)  # b * KV + kv head
     split = tl.program_id(1)
     b = bk // KV
@@ -71,10 +76,13 @@ def decode_attention_kernel(
 
 
 @triton.jit
-def combine_kernel(m_ptr, l_ptr, o_ptr, y_ptr, HD: tl.constexpr, NSPLIT: tl.constexpr):
+def combine_kernel(m_ptr, l_ptr, o_ptr, y_ptr, HD: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """Per (b, head): y = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i over the NSPLIT slices."""
     bh = tl.program_id(0)
     sp = tl.arange(0, NSPLIT)
+    if PDL:  # pdl.py: the partials come from the kernel before
+        gdc_wait()
+        gdc_launch_dependents()
     d = tl.arange(0, HD)
     m = tl.load(m_ptr + bh * NSPLIT + sp)
     l = tl.load(l_ptr + bh * NSPLIT + sp)
@@ -107,9 +115,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     decode_attention_kernel[(b * kv, nsplit)](q, k_cache, v_cache, input_pos, m, l, o, h, kv, s, chunk,
                                               1.0 / math.sqrt(hd), G=g, GP=max(16, triton.next_power_of_2(g)),
                                               HD=hd, BLOCK_S=64, NSPLIT=nsplit, INTERPRET=INTERPRET,
-                                              num_warps=4)
+                                              num_warps=4, **pdl_kwargs(q))
     y = torch.empty(b, h * hd, dtype=q.dtype, device=q.device)
-    combine_kernel[(b * h,)](m, l, o, y, HD=hd, NSPLIT=nsplit, num_warps=1)
+    combine_kernel[(b * h,)](m, l, o, y, HD=hd, NSPLIT=nsplit, num_warps=1, **pdl_kwargs(q))
     return y
 
 

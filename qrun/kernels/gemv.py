@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast, int4_values, int8_values
+from .pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -63,8 +64,11 @@ def gemv_kernel(
     N_OUT, K, NB, stride_wn, stride_sn, stride_zn,
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_N: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    if PDL:  # pdl.py: x comes from an earlier kernel
+        gdc_wait()
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
     acc = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, K, NB, stride_wn, stride_sn,

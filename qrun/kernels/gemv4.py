@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
+from .pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -100,45 +101,64 @@ def _nibbles(w, SYM: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, K, NB, stride_wn, stride_sn, stride_zn,
-               ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
-    """float32 (ROWS,) dot products of the weight rows `rows` (all valid) with x."""
+def _step(x_ptr, z_ptr, w, s, rows, g0, K, NB, stride_zn,
+          ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+    """float32 (ROWS, G, T) partial dot products of one step: words w (ROWS, G, T, 4) and scales s (ROWS, G)
+    of blocks g0 .. g0+G-1, against x[g0 B : (g0 + G) B]."""
     WPB: tl.constexpr = B // 8
     T: tl.constexpr = WPB // 4
     kx = (tl.arange(0, G)[:, None, None, None] * B + tl.arange(0, T)[None, :, None, None] * 32
           + tl.arange(0, 4)[None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, :])  # (G, T, 4, 8)
-    acc = tl.zeros((rows.shape[0], G, T), tl.float32)
-    w, s = _load_words(w_ptr, s_ptr, rows, 0, NB, stride_wn, stride_sn, B, G)
-    for g0 in range(0, NB, G):
-        # next step's loads first: they fly while this step computes
-        w_n, s_n = _load_words(w_ptr, s_ptr, rows, g0 + G, NB, stride_wn, stride_sn, B, G)
-        kk = g0 * B + kx
-        xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)         # (G, T, 4, 8)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                            # (G, T, 4) each
-        # every f_i = 128 + u_i: sum_k q_k x_k = sum_k f_k x_k - (128 + offset) sum_k x_k
-        xs = (x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7)                         # (G, T, 4)
-        f0, f1, f2, f3, f4, f5, f6, f7 = _nibbles(w, ENC == "int4_sym", ASM)   # (ROWS, G, T, 4) each
-        if ENC == "int4_sym":
-            cx = 136.0 * xs
-        else:
-            cx = 128.0 * xs
-        part = f0 * x0[None] - cx[None]
-        part += f1 * x1[None]
-        part += f2 * x2[None]
-        part += f3 * x3[None]
-        part += f4 * x4[None]
-        part += f5 * x5[None]
-        part += f6 * x6[None]
-        part += f7 * x7[None]
-        part = tl.sum(part, axis=3)                                             # in-thread: (ROWS, G, T)
-        if ENC == "int4_asym":
-            gi = g0 + tl.arange(0, G)
-            z = tl.load(z_ptr + rows[:, None] * stride_zn + gi[None, :], mask=(gi < NB)[None, :],
-                        other=0).to(tl.float32)
-            part -= z[:, :, None] * tl.sum(xs, axis=2)[None, :, :]
-        acc += part * s[:, :, None]
-        w, s = w_n, s_n
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
+    kk = g0 * B + kx
+    xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)             # (G, T, 4, 8)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                                # (G, T, 4) each
+    # every f_i = 128 + u_i: sum_k q_k x_k = sum_k f_k x_k - (128 + offset) sum_k x_k
+    xs = (x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7)                             # (G, T, 4)
+    f0, f1, f2, f3, f4, f5, f6, f7 = _nibbles(w, ENC == "int4_sym", ASM)       # (ROWS, G, T, 4) each
+    if ENC == "int4_sym":
+        cx = 136.0 * xs
+    else:
+        cx = 128.0 * xs
+    part = f0 * x0[None] - cx[None]
+    part += f1 * x1[None]
+    part += f2 * x2[None]
+    part += f3 * x3[None]
+    part += f4 * x4[None]
+    part += f5 * x5[None]
+    part += f6 * x6[None]
+    part += f7 * x7[None]
+    part = tl.sum(part, axis=3)                                                 # in-thread: (ROWS, G, T)
+    if ENC == "int4_asym":
+        gi = g0 + tl.arange(0, G)
+        z = tl.load(z_ptr + rows[:, None] * stride_zn + gi[None, :], mask=(gi < NB)[None, :],
+                    other=0).to(tl.float32)
+        part -= z[:, :, None] * tl.sum(xs, axis=2)[None, :, :]
+    return part * s[:, :, None]
+
+
+@triton.jit
+def _rows_of(rb, N_OUT, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
+    """Weight rows of row block rb, clamped into range (every load in bounds, no row mask on the weight
+    loads): (BLOCK_N,) or, with SILU, (2 BLOCK_N,) = gate row r and up row r + N_OUT side by side."""
+    rl = tl.minimum(rb * BLOCK_N + tl.arange(0, BLOCK_N), N_OUT - 1)
+    if SILU:
+        rl = tl.reshape(rl[:, None] + (tl.arange(0, 2) * N_OUT)[None, :], (2 * BLOCK_N,))
+    return rl
+
+
+@triton.jit
+def _finish(acc, rb, bias_ptr, y_ptr, N_OUT, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SILU: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc (ROWS, G, T) of row block rb -> y rows (bias, SiLU*mul epilogue)."""
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N_OUT
+    if SILU:
+        gate, up = tl.split(tl.reshape(out, (BLOCK_N, 2)))
+        out = gate / (1.0 + tl.exp(-gate)) * up
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)
 
 
 @triton.jit
@@ -150,19 +170,39 @@ def gemv_int4_kernel(
     N_OUT, K, NB, stride_wn, stride_sn, stride_zn,
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_N: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, G: tl.constexpr, PERSIST: tl.constexpr = False, PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N_OUT
-    rl = tl.minimum(rows, N_OUT - 1)  # clamped: every load is in bounds, no row mask on the weight loads
-    if SILU:
-        # gate row r and up row r + N_OUT side by side: (2 * BLOCK_N,) rows, one pass over x
-        both = tl.reshape(rl[:, None] + (tl.arange(0, 2) * N_OUT)[None, :], (2 * BLOCK_N,))
-        acc2 = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, both, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
-        gate, up = tl.split(tl.reshape(acc2, (BLOCK_N, 2)))
-        acc = gate / (1.0 + tl.exp(-gate)) * up
-    else:
-        acc = _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, rl, K, NB, stride_wn, stride_sn, stride_zn, ENC, B, G, not INTERPRET)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)
+    """Program p owns row blocks p, p + P, p + 2P, ... (P programs; P = number of row blocks unless
+    PERSIST) and walks each over K in steps of G blocks. The loop is flattened over (row block, step), so a
+    persistent program streams from one row block into the next without draining: the next step's words
+    and scales (possibly of the next row block) are loaded before the current step is computed.
+    With PDL the first step's loads are issued before waiting on the previous kernel (pdl.py)."""
+    ASM: tl.constexpr = not INTERPRET
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_rb = tl.cdiv(N_OUT, BLOCK_N)
+    steps = tl.cdiv(NB, G)
+    total = tl.cdiv(n_rb - pid, nprog) * steps    # (row block, step) pairs of this program
+    w, s = _load_words(w_ptr, s_ptr, _rows_of(pid, N_OUT, BLOCK_N, SILU), 0, NB, stride_wn, stride_sn, B, G)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_N * (2 if SILU else 1), G, B // 32), tl.float32)
+    for it in range(0, total):
+        j = it // steps
+        g0 = (it - j * steps) * G
+        rb = pid + j * nprog
+        rows = _rows_of(rb, N_OUT, BLOCK_N, SILU)
+        # next step's loads first (the next row block's first step at the end of a row): they fly while
+        # this step computes; past the last step they are masked off (g >= NB).
+        it1 = it + 1
+        j1 = it1 // steps
+        g1 = tl.where(it1 < total, (it1 - j1 * steps) * G, NB)
+        w_n, s_n = _load_words(w_ptr, s_ptr, _rows_of(pid + j1 * nprog, N_OUT, BLOCK_N, SILU), g1, NB,
+                               stride_wn, stride_sn, B, G)
+        acc += _step(x_ptr, z_ptr, w, s, rows, g0, K, NB, stride_zn, ENC, B, G, ASM)
+        if g0 + G >= NB:  # last step of this row block
+            _finish(acc, rb, bias_ptr, y_ptr, N_OUT, BLOCK_N, HAS_BIAS, SILU, INTERPRET)
+            acc = tl.zeros_like(acc)
+        w, s = w_n, s_n

@@ -19,6 +19,7 @@ from qrun.quant import NF4_CODE
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
+from .pdl import pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
@@ -85,19 +86,34 @@ def _gemv_candidates(encoding, block_size, nb):
 
 
 def _gemv4_candidates(block_size, nb):
-    """(BLOCK_N rows per thread, K per step, warps): K per step = 32 * threads along K (one 16-byte load of
-    4 words = 32 k per thread per row), so every thread holds all BLOCK_N rows and the warps split K.
+    """(BLOCK_N rows per thread, K per step, warps, PER_SM): K per step = 32 * threads along K (one 16-byte
+    load of 4 words = 32 k per thread per row), so every thread holds all BLOCK_N rows and the warps split K.
+    PER_SM > 0: a persistent grid of PER_SM programs per SM streaming row block after row block.
     (A cp.async-pipelined K loop, tl.range(num_stages=2..4), measured 1.4-2.4x slower on the H100: PERF.md.)"""
     out = []
-    for bn, kstep, warps in ((8, 4096, 4), (4, 4096, 4), (16, 2048, 2), (8, 2048, 2), (4, 1024, 1),
-                             (8, 1024, 1), (16, 1024, 1), (2, 8192, 8), (4, 2048, 2)):
+    for bn, kstep, warps, per_sm in ((8, 4096, 4, 0), (4, 4096, 4, 0), (16, 2048, 2, 0), (8, 2048, 2, 0),
+                                     (4, 1024, 1, 0), (8, 1024, 1, 0), (16, 1024, 1, 0), (2, 8192, 8, 0),
+                                     (4, 2048, 2, 0), (4, 1024, 1, 16), (8, 1024, 1, 8), (4, 2048, 2, 8),
+                                     (8, 2048, 2, 4), (2, 1024, 1, 32)):
         g = max(1, min(kstep // block_size, triton_next_pow2(nb)))
-        c = dict(BLOCK_N=bn, G=g, num_warps=warps, num_stages=1)
+        c = dict(BLOCK_N=bn, G=g, PER_SM=per_sm, num_warps=warps, num_stages=1)
         if c not in out:
             out.append(c)
-    if INTERPRET:
-        out = [dict(BLOCK_N=4, G=2, num_warps=1, num_stages=1)]
+    if INTERPRET:  # persistent, so that programs walk several row blocks (4 "SMs" on the CPU)
+        out = [dict(BLOCK_N=4, G=2, PER_SM=1, num_warps=1, num_stages=1)]
     return out
+
+
+_sms: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so the persistent loop runs several row blocks each
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _sms:
+        _sms[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _sms[i]
 
 
 def triton_next_pow2(n: int) -> int:
@@ -156,12 +172,18 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             pass
     if w32 is not None:
 
+        pdl = pdl_kwargs(x2)
+
         def launch(c, out=y):
-            grid = (triton_cdiv(n_out, c["BLOCK_N"]),)
-            LAST["gemv"] = gemv_int4_kernel[grid](x2, w32, scales, z, b, out, n_out, k, nb, w32.stride(0),
-                                                  scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
-                                                  HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET,
-                                                  **c)
+            c = dict(c)
+            per_sm = c.pop("PER_SM", 0)  # > 0: a persistent grid of per_sm programs per SM
+            grid = triton_cdiv(n_out, c["BLOCK_N"])
+            if per_sm:
+                grid = min(grid, per_sm * _sm_count(x2.device))
+            LAST["gemv"] = gemv_int4_kernel[(grid,)](x2, w32, scales, z, b, out, n_out, k, nb, w32.stride(0),
+                                                     scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
+                                                     HAS_BIAS=bias is not None, SILU=silu, PERSIST=per_sm > 0,
+                                                     INTERPRET=INTERPRET, **pdl, **c)
         cfg = LAST["gemv_cfg"] = _pick((dev, "gemv4") + common, _gemv4_candidates(block_size, nb), launch)
         launch(cfg)
         return y.reshape(*lead, n_out)
@@ -171,7 +193,8 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             grid = (triton_cdiv(n_out, c["BLOCK_N"]),)
             LAST["gemv"] = gemv_kernel[grid](x2, qweight, scales, z, code, b, out, n_out, k, nb, qweight.stride(0),
                               scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
-                              HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET, **c)
+                              HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET, **pdl_kwargs(x2),
+                              **c)
         cfg = LAST["gemv_cfg"] = _pick((dev, "gemv") + common, _gemv_candidates(encoding, block_size, nb), launch)
         launch(cfg)
         return y.reshape(*lead, n_out)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
+from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -25,11 +26,15 @@ def rms_norm_kernel(
     # sizes
     D, eps,
     # meta
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < D
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if PDL:  # pdl.py: nothing above reads what an earlier kernel writes
+        gdc_wait()
+        gdc_launch_dependents()
     x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         h = cast(x + tl.load(r_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32),
@@ -38,7 +43,6 @@ def rms_norm_kernel(
         x = h.to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     xn = cast(x * inv, y_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * D + offs, cast(w * xn, y_ptr.dtype.element_ty, INTERPRET), mask=m)
 
 
@@ -52,7 +56,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     r = residual.reshape(-1, d).contiguous() if residual is not None else x2
     block = triton.next_power_of_2(d)
     rms_norm_kernel[(x2.shape[0],)](x2, r, weight, y, h, d, eps, HAS_RES=residual is not None, BLOCK=block,
-                                   INTERPRET=INTERPRET, num_warps=4 if block <= 2048 else 8)
+                                   INTERPRET=INTERPRET, num_warps=4 if block <= 2048 else 8,
+                                   **pdl_kwargs(x2))
     return y.view(x.shape), h.view(x.shape)
 
 

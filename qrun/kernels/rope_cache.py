@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
+from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -28,8 +29,11 @@ def rope_cache_kernel(
     # sizes
     H, KV, S, stride_qkv_b,
     # meta
-    HD: tl.constexpr, INTERPRET: tl.constexpr,
+    HD: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # pdl.py: the position and qkv come from earlier kernels
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: q heads, H..H+KV-1: k heads, H+KV..: v heads
     half = tl.arange(0, HD // 2)
@@ -66,7 +70,8 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input
         qkv2 = qkv2.contiguous()
     q = torch.empty(b, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
     rope_cache_kernel[(b, n_heads + 2 * kv)](qkv2, cos, sin, input_pos, q, k_cache, v_cache, n_heads, kv, s,
-                                            qkv2.stride(0), HD=hd, INTERPRET=INTERPRET, num_warps=1)
+                                            qkv2.stride(0), HD=hd, INTERPRET=INTERPRET, num_warps=1,
+                                            **pdl_kwargs(qkv2))
     return q
 
 

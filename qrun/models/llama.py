@@ -212,9 +212,21 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(a)
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
-        y, h = self.post_attention_layernorm(a, residual=x)  # h = x + a
-        return h + self.mlp(y)
+        """x (B, T, D) -> the block's output (B, T, D)."""
+        out, h = self.step(x, None, cos, sin, mask, input_pos, kv_len)
+        return h + out
+
+    def step(self, x, residual, cos, sin, mask, input_pos, kv_len=None):
+        """(x, residual) -> (mlp output, h), both (B, T, D), the block's output being h + mlp output. The
+        residual add is left to the caller so that it fuses into the next RMSNorm (one kernel on the GPU):
+        with residual given, the block's input is x + residual."""
+        if residual is None:
+            h, y = x, self.input_layernorm(x)
+        else:
+            y, h = self.input_layernorm(x, residual=residual)  # h = x + residual
+        a = self.self_attn(y, cos, sin, mask, input_pos, kv_len)
+        y, h = self.post_attention_layernorm(a, residual=h)  # h = h + a
+        return self.mlp(y), h
 
 
 class Transformer(nn.Module):
@@ -264,7 +276,11 @@ class Transformer(nn.Module):
         mask = keys[None, :] <= pos[:, None]  # (T, S)
         x = self.embed_tokens(tokens)
         cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
+        res = None  # residual stream; x is the last block's MLP output, not yet added to it
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, kv_len)
-        x = self.norm(x[:, -1:] if last_only else x)
+            x, res = layer.step(x, res, cos, sin, mask, input_pos, kv_len)
+        if last_only:
+            x = x[:, -1:]
+            res = res[:, -1:] if res is not None else None
+        x = self.norm(x) if res is None else self.norm(x, residual=res)[0]
         return self.lm_head(x)
