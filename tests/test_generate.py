@@ -10,8 +10,8 @@ import qrun
 import tiny_models as tm
 from qrun.cli.main import main
 from qrun.errors import QRunError
-from qrun.runtime.generate import _hold_stops
-from qrun.runtime.sampling import SamplingParams, min_p_filter, repetition_penalty, sample, top_k_filter, \
+from qrun.runtime.generate import _hold_stops, run_ahead
+from qrun.runtime.sampling import SamplingParams, greedy, min_p_filter, repetition_penalty, sample, top_k_filter, \
     top_p_filter
 from qrun.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -112,6 +112,167 @@ def test_prompt_longer_than_max_seq_len(model_path):
     ids = small.encode("hello")
     got = list(small.generate_ids(ids, SamplingParams(max_new_tokens=50, temperature=0.8, seed=0)))
     assert len(ids) + len(got) <= 8
+
+
+# ---------------------------------------------------------------------------------------- run-ahead
+
+class _Read:
+    def __init__(self, step, k, ids):
+        self.step, self.k, self._ids = step, k, ids
+
+    def ids(self):
+        self.step.reads.append((self.k, len(self.step.positions)))  # (token k, steps enqueued by then)
+        return self._ids
+
+
+class EmulatedGreedyStep:
+    """The run-ahead step protocol done synchronously on the CPU: what the CUDA graph does on the device (the
+    decode step on the current token at the current position, its argmax becomes the current token, the
+    position advances) done at once when enqueued. Records each step's position and, at each host read, how
+    many steps had been enqueued."""
+
+    def __init__(self, llm):
+        self.llm, self.positions, self.reads, self.starts = llm, [], [], 0
+
+    def start(self, token, pos):
+        self.tok, self.pos = token.view(-1, 1).clone(), torch.tensor([pos])
+        self.positions, self.reads = [], []
+        self.starts += 1
+        return _Read(self, 1, self.tok.view(-1).tolist())
+
+    def advance(self):
+        p = int(self.pos)
+        assert p < self.llm.max_seq_len - 1, f"a step ran at position {p}"  # p + 1 would hold its token
+        self.positions.append(p)
+        self.tok = greedy(self.llm.decode_step(self.tok, self.pos)).view(-1, 1)
+        self.pos += 1
+        return _Read(self, len(self.positions) + 1, self.tok.view(-1).tolist())
+
+
+def _loop_and_run_ahead(llm, ids, **kw):
+    """Greedy ids and stats from the host loop and from the run-ahead loop (emulated step), same llm."""
+    params = dict(temperature=0, **kw)
+    llm.greedy_step = None
+    want = list(llm.generate_ids(ids, SamplingParams(**params)))
+    want_stats = llm.stats
+    fake = llm.greedy_step = EmulatedGreedyStep(llm)
+    try:
+        got = list(llm.generate_ids(ids, SamplingParams(**params)))
+    finally:
+        llm.greedy_step = None
+    assert fake.starts == 1
+    return want, want_stats, got, llm.stats, fake
+
+
+def _check_run_ahead(fake, n, n_tokens, n_read):
+    """Steps ran at positions n, n+1, ... (never past n + n_tokens - 2), and each token k was read only after
+    the step consuming it had been enqueued (when that step was needed at all)."""
+    assert fake.positions == list(range(n, n + len(fake.positions)))
+    assert len(fake.positions) <= max(n_tokens - 1, 0)
+    assert [k for k, _ in fake.reads] == list(range(1, n_read + 1))
+    assert all(queued == min(k, n_tokens - 1) for k, queued in fake.reads)
+
+
+def test_run_ahead_equals_loop_length(llm):
+    ids = llm.encode("once upon a time")
+    want, ws, got, gs, fake = _loop_and_run_ahead(llm, ids, max_new_tokens=12)
+    assert got == want and len(got) == 12 and ws.finish_reason == gs.finish_reason == "length"
+    assert gs.generated_tokens == 12 and len(fake.positions) == 11  # no step past the last kept token
+    _check_run_ahead(fake, len(ids), 12, 12)
+
+
+def test_run_ahead_equals_loop_eos(llm):
+    ids = llm.encode("hello world")
+    full = list(llm.generate_ids(ids, SamplingParams(max_new_tokens=20, temperature=0)))
+    later = next(i for i in range(4, len(full) + 1) if full[i - 1] not in full[:i - 1])
+    for k in (1, later):  # the prefill's token is EOS; a later token (its first occurrence) is EOS
+        eos = full[k - 1]
+        llm.eos_ids.add(eos)
+        try:
+            want, ws, got, gs, fake = _loop_and_run_ahead(llm, ids, max_new_tokens=20)
+        finally:
+            llm.eos_ids.discard(eos)
+        assert got == want == full[:k - 1] and ws.finish_reason == gs.finish_reason == "eos"
+        assert gs.generated_tokens == k - 1
+        assert len(fake.positions) == k  # the one step past EOS ran; its token was never read
+        _check_run_ahead(fake, len(ids), 20, k)
+
+
+@pytest.mark.parametrize("room", [1, 2, 6])
+def test_run_ahead_equals_loop_full_cache(model_path, room):
+    """The KV cache fills first: no step may run at or past max_seq_len (the emulated step asserts it)."""
+    small = qrun.load(model_path[0], device="cpu", max_seq_len=16, progress=False)
+    ids = small.encode("the quick brown fox jumps over the lazy dog")[:16 - room]
+    want, ws, got, gs, fake = _loop_and_run_ahead(small, ids, max_new_tokens=50)
+    assert got == want and len(got) == room
+    assert ws.finish_reason == gs.finish_reason == "max_seq_len"
+    assert fake.positions == list(range(len(ids), 16 - 1))  # the last step runs at max_seq_len - 2
+    _check_run_ahead(fake, len(ids), room, room)
+
+
+def test_run_ahead_stop_string_and_one_token(llm):
+    ids = llm.encode("hello world")
+    want, _, got, gs, fake = _loop_and_run_ahead(llm, ids, max_new_tokens=1)
+    assert got == want and len(got) == 1 and gs.finish_reason == "length" and fake.positions == []
+    full = llm.generate("hello world", max_new_tokens=20, temperature=0)
+    stop = full[5:8]
+    llm.greedy_step = EmulatedGreedyStep(llm)
+    try:
+        cut = llm.generate("hello world", max_new_tokens=20, temperature=0, stop=[stop])
+    finally:
+        llm.greedy_step = None
+    assert cut == full[:full.find(stop)] and llm.stats.finish_reason == "stop"
+
+
+def test_run_ahead_only_for_argmax(llm):
+    """Sampling, and greedy with a repetition penalty, keep the host loop (the step is never started)."""
+    fake = llm.greedy_step = EmulatedGreedyStep(llm)
+    try:
+        a = list(llm.generate_ids(llm.encode("hello"), SamplingParams(max_new_tokens=6, temperature=0.9, seed=1)))
+        b = list(llm.generate_ids(llm.encode("hello"), SamplingParams(max_new_tokens=6, temperature=0,
+                                                                      repetition_penalty=1.3)))
+    finally:
+        llm.greedy_step = None
+    assert fake.starts == 0 and len(a) == len(b) == 6
+    assert a == list(llm.generate_ids(llm.encode("hello"), SamplingParams(max_new_tokens=6, temperature=0.9,
+                                                                          seed=1)))
+
+
+class _ScriptedStep:
+    """Tokens (B,) come from a script; records the order of starts, advances and reads."""
+
+    def __init__(self, script):
+        self.script, self.log, self.i = script, [], 0
+
+    def _read(self, ids):
+        step = self
+
+        class R:
+            def ids(self):
+                step.log.append(("read", ids))
+                return ids
+        return R()
+
+    def start(self, token, pos):
+        self.log.append(("start", pos))
+        return self._read(token.tolist())
+
+    def advance(self):
+        self.log.append(("advance",))
+        self.i += 1
+        return self._read(self.script[self.i - 1])
+
+
+def test_run_ahead_batch_order_and_stop():
+    script = [[5, 6], [7, 8], [9, 10], [11, 12], [13, 14]]
+    s = _ScriptedStep(script)
+    assert list(run_ahead(s, torch.tensor([3, 4]), 10, 4)) == [[3, 4]] + script[:3]
+    a, r = ("advance",), lambda ids: ("read", ids)
+    assert s.log == [("start", 10), a, r([3, 4]), a, r([5, 6]), a, r([7, 8]), r([9, 10])]
+    s = _ScriptedStep(script)  # stop on [7, 8]: it is yielded (the caller drops it), the step after it ran
+    assert list(run_ahead(s, torch.tensor([3, 4]), 10, 5, stop=lambda ids: ids[0] == 7)) == [[3, 4]] + script[:2]
+    assert s.log == [("start", 10), a, r([3, 4]), a, r([5, 6]), a, r([7, 8])]
+    assert list(run_ahead(_ScriptedStep(script), torch.tensor([3, 4]), 10, 0)) == []
 
 
 # ----------------------------------------------------------------------------------------- sampling

@@ -64,9 +64,13 @@ def bytes_per_token(model, batch: int, context: int) -> dict[str, int]:
 @torch.inference_mode()
 def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: int = 128, batch: int = 1,
           runs: int = 3, graph: bool = True, max_seq_len: int | None = None, compare_hf: bool = False,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, pipeline: bool = True) -> dict[str, Any]:
+    """pipeline: decode greedily through the run-ahead loop generate() uses where the runtime has one (the
+    CUDA graph); False times the loop that reads every token before starting the next step (to measure the
+    gain)."""
     import qrun
-    from qrun.runtime.generate import prefill
+    from qrun.runtime.generate import prefill, run_ahead
+    from qrun.runtime.sampling import greedy
     from qrun.runtime.loader import resolve_device
 
     if batch < 1:
@@ -78,6 +82,9 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     max_seq_len = max_seq_len or (prompt_len + gen_len)
+    if max_seq_len < prompt_len + gen_len - 1:  # the last decode step writes position prompt_len + gen_len - 2
+        raise QRunError(f"--max-seq-len {max_seq_len} is too short for --prompt-len {prompt_len} and "
+                        f"--gen-len {gen_len} (needs {prompt_len + gen_len - 1})")
     _sync(dev)
     t0 = time.perf_counter()
     llm = qrun.load(path, device=str(dev), max_seq_len=max_seq_len, progress=progress, graph=graph,
@@ -91,6 +98,7 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     model = llm.model
     vocab = model.args.vocab_size
     step = llm.decode_step
+    ahead = llm.greedy_step if pipeline else None
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(dev)  # (B, T)
@@ -100,16 +108,24 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
         _sync(dev)
         t = time.perf_counter()
         logits = prefill(model, prompt, positions)
-        tok = logits.argmax(-1)  # (B,)
-        tok.tolist()
-        ttft = time.perf_counter() - t
-        pos = torch.tensor([prompt_len], device=dev)
-        t = time.perf_counter()
-        for _ in range(gen_len - 1):
-            logits = step(tok.view(batch, 1), pos)
-            tok = logits.argmax(-1)
-            tok.tolist()  # the host sync a real generation loop makes per step
-            pos += 1
+        tok = greedy(logits)  # (B,)
+        if ahead is not None:  # what generate() does for greedy decoding: host reads one step behind
+            tokens = run_ahead(ahead, tok, prompt_len, gen_len)
+            next(tokens)  # the first token, on the host (step 1 is already queued)
+            ttft = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in tokens:
+                pass
+        else:
+            tok.tolist()
+            ttft = time.perf_counter() - t
+            pos = torch.tensor([prompt_len], device=dev)
+            t = time.perf_counter()
+            for _ in range(gen_len - 1):
+                logits = step(tok.view(batch, 1), pos)
+                tok = greedy(logits)
+                tok.tolist()  # the host sync this loop makes per step, before it starts the next
+                pos += 1
         dec = time.perf_counter() - t
         return ttft, batch * (gen_len - 1) / dec  # tokens/s over the whole batch
 
@@ -122,7 +138,7 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
     bpt = bytes_per_token(model, batch, prompt_len + gen_len // 2)  # per decode step (all B sequences)
     out = {"model": path, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "max_seq_len": max_seq_len,
-           "cuda_graph": bool(graph and dev.type == "cuda"),
+           "cuda_graph": bool(graph and dev.type == "cuda"), "run_ahead": ahead is not None,
            "warmup_s": warmup_s,
            "load_s": load_s, "load_gbps_compressed": file_bytes / load_s / 1e9,
            "load_gbps_raw": raw_bytes / load_s / 1e9, "ttft_s": ttft, "prefill_tok_s": batch * prompt_len / ttft,
@@ -132,7 +148,7 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
            "copy_gbps": copy_gbps}
     out["pct_of_copy"] = 100 * out["achieved_gbps"] / copy_gbps if copy_gbps == copy_gbps else None
     if compare_hf:
-        del llm, model, step
+        del llm, model, step, ahead
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         out["hf"] = bench_hf(path, dev, prompt, gen_len, runs)

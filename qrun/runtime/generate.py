@@ -7,18 +7,21 @@
 
 `prefill` and `decode_one` are plain functions of the model; `LLM.decode_step` is the hook a faster runtime
 (a captured CUDA graph) replaces: it maps (token (B, 1), input_pos (1,)) to logits (B, V) float32 with fixed
-shapes. Everything here yields; printing and formatting live in the CLI.
+shapes. `LLM.greedy_step`, where the runtime has one, also picks the argmax and advances on the device, so
+greedy decoding runs ahead of the host (`run_ahead`). Everything here yields; printing and formatting live in
+the CLI.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
 from qrun.errors import QRunError
-from qrun.runtime.sampling import SamplingParams, sample
+from qrun.runtime.sampling import SamplingParams, greedy, sample
 from qrun.runtime.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -52,7 +55,9 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_s: float = 0.0  # prompt forward + first token sampled
-    decode_s: float = 0.0  # the remaining steps, time spent outside the consumer of the stream
+    # The remaining steps: time spent outside the consumer of the stream; on the run-ahead path the wall time
+    # from the first token to the last, since there the device computes while the consumer runs.
+    decode_s: float = 0.0
     finish_reason: str = ""  # "eos" | "stop" | "length" | "max_seq_len"
 
     @property
@@ -90,6 +95,53 @@ def _hold_stops(pieces: Iterator[str], stops: list[str], on_stop: Callable[[], N
         yield buf
 
 
+class PendingIds(Protocol):
+    def ids(self) -> list[int]: ...  # waits for the token ids (B,) of one step and returns them
+
+
+class GreedyStep(Protocol):
+    """A decode step that picks the argmax and advances on the device, keeping its token and position there
+    (qrun.runtime.cuda_graph.GraphedDecodeStep). Each call only enqueues work; .ids() on the result waits."""
+
+    def start(self, token: torch.Tensor, pos: int) -> PendingIds:
+        """Load token (B,) long at cache position pos as the current one; returns its read."""
+
+    def advance(self) -> PendingIds:
+        """One step: current token at current position -> argmax becomes current, position + 1; returns the
+        new token's read."""
+
+
+def run_ahead(step: GreedyStep, first: torch.Tensor, pos: int, n_tokens: int,
+              stop: Callable[[list[int]], bool] | None = None) -> Iterator[list[int]]:
+    """Greedy decoding with the host one step behind the device. first (B,) long: the token the prefill gave,
+    at cache position pos. Yields lists of B ids: first's, then one per device step, n_tokens in all, or fewer
+    when stop(ids) holds for one: that list is still yielded (the caller decides whether to keep it), and
+    nothing more.
+
+    Step k (k >= 1) feeds token k at position pos + k - 1 and produces token k + 1. It is enqueued before
+    token k is read, and step k + 1 right after token k has been read and checked, before it is handed out:
+    while the host waits for token k the device runs step k, and while the consumer handles token k it has
+    steps k and k + 1 queued, so the host's per-token work hides behind the device's. Which steps are needed
+    at most does not depend on the tokens (step k only if k < n_tokens), so no step runs past that: the last
+    one runs at position pos + n_tokens - 2, and the caller bounds n_tokens by the KV cache. Only a stop that
+    depends on a token is seen one step late: step k has already run when token k stops the loop, and its
+    token is never read.
+    """
+    if n_tokens < 1:
+        return
+    pending = deque([step.start(first, pos)])
+    if n_tokens > 1:
+        pending.append(step.advance())  # step 1
+    for k in range(1, n_tokens + 1):
+        ids = pending.popleft().ids()  # token k; step k is already queued behind it
+        halt = stop is not None and stop(ids)
+        if not halt and k + 1 < n_tokens:
+            pending.append(step.advance())  # step k + 1, producing token k + 2
+        yield ids
+        if halt:
+            return
+
+
 class LLM:
     """A loaded model ready to generate: .model (Transformer), .tokenizer, .config (config.json)."""
 
@@ -104,15 +156,20 @@ class LLM:
             self.decode_step = lambda tok, pos: decode_one(self.model, tok, pos, kv_len=int(pos[-1]) + 1)
         else:
             self.decode_step = lambda tok, pos: decode_one(self.model, tok, pos)
+        # The run-ahead step for argmax-only sampling (see GreedyStep), or None: the loop below, which reads
+        # every token on the host before it starts the next step.
+        self.greedy_step: GreedyStep | None = None
         self.stats = GenerationStats()
 
     def accelerate(self, graph: bool = True) -> "LLM":
-        """On CUDA, replay the decode step as one captured CUDA graph (captured on first use, per batch size).
+        """On CUDA, replay the decode step as one captured CUDA graph (captured on first use, per batch size);
+        the same graph picks greedy tokens on the device, so greedy decoding runs ahead of the host.
         No-op on the CPU."""
         if self.device.type != "cuda" or not graph:
             return self
         from qrun.runtime.cuda_graph import GraphedDecodeStep
         self.decode_step = GraphedDecodeStep(self.decode_step)  # the static-shape CUDA step set above
+        self.greedy_step = self.decode_step
         return self
 
     # ------------------------------------------------------------------------------------------- input
@@ -159,6 +216,9 @@ class LLM:
 
         t0 = time.perf_counter()
         logits = prefill(self.model, tokens, torch.arange(n, device=dev), kv_len=n)
+        if self.greedy_step is not None and params.argmax_only:
+            yield from self._generate_run_ahead(greedy(logits), n, params, t0)
+            return
         tok = sample(logits, params, seen, gen)  # (1,)
         tid = int(tok.item())  # the one host sync per token: the id is needed for text and stop checks
         st.prefill_s = time.perf_counter() - t0
@@ -183,6 +243,39 @@ class LLM:
             tid = int(tok.item())
             pos += 1
             st.decode_s += time.perf_counter() - t
+
+    def _generate_run_ahead(self, first: torch.Tensor, n: int, params: SamplingParams,
+                            t0: float) -> Iterator[int]:
+        """generate_ids for argmax-only sampling through self.greedy_step: the same ids, stats and finish
+        reasons as the loop above. first (1,): the prefill's token, at position n.
+
+        The k-th generated token sits at position n + k - 1, so at most min(max_new_tokens, max_seq_len - n)
+        tokens: run_ahead then runs no step past position max_seq_len - 2, as the loop above.
+        The step run_ahead enqueues past an EOS token (at the EOS token's position p <= max_seq_len - 2)
+        changes no result. It writes the K/V cache row p, the device token and the device position. Attention
+        only ever reads cache rows at or before the reading token's own position (Transformer.forward's mask
+        keys <= pos and kv_len > max(input_pos); decode_attention reads [0, input_pos]), and within one
+        generation every such row is written before it is read: the prefill writes [0, n') (each chunk before
+        it attends), each decode step its own row. So row p is overwritten by whichever later generation
+        reaches p, before it reads it, or never attended to. The token and position are reloaded by the next
+        start() (or copied in by a plain decode_step call).
+        """
+        st = self.stats
+        eos = self.eos_ids
+        n_tokens = min(params.max_new_tokens, self.max_seq_len - n)
+        t1 = None
+        for ids in run_ahead(self.greedy_step, first, n, n_tokens, stop=lambda ids: ids[0] in eos):
+            now = time.perf_counter()
+            if t1 is None:
+                st.prefill_s, t1 = now - t0, now
+            else:
+                st.decode_s = now - t1
+            if ids[0] in eos:
+                st.finish_reason = "eos"
+                return
+            st.generated_tokens += 1
+            yield ids[0]
+        st.finish_reason = "length" if st.generated_tokens >= params.max_new_tokens else "max_seq_len"
 
     # ------------------------------------------------------------------------------------------ text
     def stream(self, prompt: str | None = None, *, messages: list[dict[str, Any]] | None = None,

@@ -48,6 +48,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def argmax_only(self) -> bool:
+        """The token is the argmax of the logits alone (greedy, no repetition penalty): the device can pick it
+        inside a captured decode step, with no per-token state kept on the host."""
+        return self.greedy and self.repetition_penalty == 1.0
+
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits (B, V); seen (B, V) bool. Seen tokens' logits are divided by penalty if > 0, else multiplied."""
@@ -86,6 +92,11 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < thresh, float("-inf"))
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> the most likely token ids (B,) long (the first one on ties)."""
+    return logits.argmax(-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,) long, on the logits' device."""
@@ -93,7 +104,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
     if seen is not None:
         logits = repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(-1)
+        return greedy(logits)
     logits = logits / params.temperature
     logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
     probs = logits.softmax(-1)
