@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
-                    "graph,nopdl (graph without programmatic dependent launch),eager,prefill1024,hf (transformers BF16 on the same weights)")
+                    "graph,nopdl (graph without programmatic dependent launch),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -46,6 +46,7 @@ def main() -> None:
             continue
         runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
                 ("nopdl", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # graph, QRUN_PDL=0
+                ("sync", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--no-run-ahead"]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
                 ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),
                 ("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"])]

@@ -12,7 +12,7 @@ def cmd_bench(a) -> int:
         model = demo_model_path()
     r = bench(model, device=a.device, prompt_len=a.prompt_len, gen_len=a.gen_len, batch=a.batch, runs=a.runs,
               graph=not a.no_graph, max_seq_len=a.max_seq_len, compare_hf=a.compare == "hf",
-              progress=not a.json)
+              progress=not a.json, pipeline=not a.no_run_ahead)
     if a.json:
         print(json.dumps(r))
         return 0
@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default prompt + gen)")
     p.add_argument("--no-graph", action="store_true", help="launch the decode step eagerly (no CUDA graph)")
+    p.add_argument("--no-run-ahead", action="store_true",
+                   help="read each token before launching the next step (the loop before run-ahead decoding)")
     p.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

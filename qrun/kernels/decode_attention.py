@@ -29,7 +29,7 @@ def decode_attention_kernel(
     H, KV, S, CHUNK, scale,
     # meta
     G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PREC: tl.constexpr = "tf32",
 ):
     if PDL:  # pdl.py: q and the caches come from earlier kernels
         gdc_wait()
@@ -61,13 +61,14 @@ def decode_attention_kernel(
         if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k)) * scale  # (GP, BLOCK_S)
+        # float32 caches (tests, CPU-parity runs) get exact fp32 dots; tl.dot would otherwise round to tf32
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (GP, BLOCK_S)
         sc = tl.where(smask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     out = (b * H + heads) * NSPLIT + split
     tl.store(m_ptr + out, m_i, mask=rmask)
@@ -115,7 +116,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     decode_attention_kernel[(b * kv, nsplit)](q, k_cache, v_cache, input_pos, m, l, o, h, kv, s, chunk,
                                               1.0 / math.sqrt(hd), G=g, GP=max(16, triton.next_power_of_2(g)),
                                               HD=hd, BLOCK_S=64, NSPLIT=nsplit, INTERPRET=INTERPRET,
-                                              num_warps=4, **pdl_kwargs(q))
+                                              num_warps=4, **pdl_kwargs(q),
+                                              PREC="ieee" if q.dtype == torch.float32 else "tf32")
     y = torch.empty(b, h * hd, dtype=q.dtype, device=q.device)
     combine_kernel[(b * h,)](m, l, o, y, HD=hd, NSPLIT=nsplit, num_warps=1, **pdl_kwargs(q))
     return y
