@@ -36,6 +36,15 @@ def cases():
                                   silu=False)))
     out.append(("3d-x-gemm", dict(enc="int4_sym", b=32, m=(2, 3), n=17, k=96, dtype="bfloat16", bias=False,
                                   silu=False)))
+    # RMSNorm of x fused in front and the residual add behind: inside the word GEMV (int4, M = 1), and
+    # through the fallbacks (norm kernel first, add after) for the byte GEMV and the GEMM
+    for enc, m in (("int4_asym", 1), ("int4_sym", 1), ("int8_sym", 1), ("int4_asym", 3)):
+        out.append((f"norm-res-{enc}-M{m}", dict(enc=enc, b=32, m=m, n=37, k=200, dtype="bfloat16", bias=True,
+                                                 silu=False, norm=True, res=True)))
+    out.append(("norm-silu-gemv", dict(enc="int4_asym", b=64, m=1, n=2 * 19, k=150, dtype="bfloat16",
+                                       bias=False, silu=True, norm=True)))
+    out.append(("norm-fp32-gemv", dict(enc="int4_sym", b=32, m=1, n=21, k=72, dtype="float32", bias=False,
+                                       silu=False, norm=True, res=True)))
     return out
 
 
@@ -61,13 +70,20 @@ def _run_cases() -> dict:
         # Oracle: the reference's weight (dequantized to the activation dtype, as reference.py does) and the
         # same rounded x and bias, multiplied in float64: what is left is the kernel's own error.
         w = dequantize_parts(c["enc"], parts_of(*args), (c["n"], c["k"]), c["b"], dtype=dtype).double()
-        ref = torch.nn.functional.linear(x.double(), w, None if bias is None else bias.double())
+        nw = torch.rand(c["k"]).add(0.5).to(dtype) if c.get("norm") else None
+        xd = x.double()
+        if nw is not None:
+            xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        ref = torch.nn.functional.linear(xd, w, None if bias is None else bias.double())
         if c["silu"]:
             g, u = ref.chunk(2, dim=-1)
             ref = torch.nn.functional.silu(g) * u
-            y = quant_linear_silu_mul_triton(x, *args, c["enc"], c["b"], c["k"])
+            y = quant_linear_silu_mul_triton(x, *args, c["enc"], c["b"], c["k"], nw, 1e-5)
         else:
-            y = quant_linear_triton(x, *args, bias, c["enc"], c["b"], c["k"])
+            res_in = torch.randn(ref.shape).to(dtype) if c.get("res") else None
+            if res_in is not None:
+                ref = ref + res_in.double()
+            y = quant_linear_triton(x, *args, bias, c["enc"], c["b"], c["k"], nw, 1e-5, res_in)
         ok_shape = tuple(y.shape) == tuple(ref.shape) and y.dtype == dtype
         err = ((y.double() - ref).norm() / ref.norm()).item() if ok_shape else float("inf")
         res[name] = dict(err=err, finite=bool(torch.isfinite(y).all()), shape_ok=ok_shape)

@@ -1,9 +1,12 @@
 """Quantized matmul kernels. They know nothing of models or files: tensors in the qrun/quant.py layout in,
 activations out.
 
-    quant_linear(x, qweight, scales, zeros, bias, encoding=..., block_size=..., in_features=...)
-        x (..., K) bf16/fp16/fp32 -> (..., N), y = x @ dequant(W)^T + bias
-    quant_linear_silu_mul(x, qweight, scales, zeros, encoding=..., block_size=..., in_features=...)
+    quant_linear(x, qweight, scales, zeros, bias, encoding=..., block_size=..., in_features=...,
+                 norm_weight=None, eps=0.0, residual=None)
+        x (..., K) bf16/fp16/fp32 -> (..., N), y = xn @ dequant(W)^T + bias (+ residual), where
+        xn = norm_weight * rmsnorm(x) with norm_weight, else x (fused into the M = 1 int4 kernel)
+    quant_linear_silu_mul(x, qweight, scales, zeros, encoding=..., block_size=..., in_features=...,
+                          norm_weight=None, eps=0.0)
         weight rows [0, N/2) = gate, [N/2, N) = up -> (..., N/2) silu(gate) * up
 
 Scales are float16 or float32 (N, Kp/B); double-quantized scales are expanded by the loader first.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import quant_linear_ref, quant_linear_silu_mul_ref
+from .reference import quant_linear_ref, quant_linear_silu_mul_ref, rms_norm_ref  # noqa: F401
 
 try:  # triton is a Linux-only dependency; without it only the reference path exists
     from . import ops as _ops
@@ -32,16 +35,22 @@ except ImportError:  # pragma: no cover
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int) -> torch.Tensor:
+                 bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int,
+                 norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
     if x.is_cuda and _ops is not None:
-        return torch.ops.qrun.quant_linear(x, qweight, scales, zeros, bias, encoding, block_size, in_features)
-    return quant_linear_ref(x, qweight, scales, zeros, bias, encoding, block_size, in_features)
+        return torch.ops.qrun.quant_linear(x, qweight, scales, zeros, bias, encoding, block_size, in_features,
+                                           norm_weight, eps, residual)
+    return quant_linear_ref(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight, eps,
+                            residual)
 
 
 def quant_linear_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                           zeros: torch.Tensor | None, *, encoding: str, block_size: int,
-                          in_features: int) -> torch.Tensor:
+                          in_features: int, norm_weight: torch.Tensor | None = None,
+                          eps: float = 0.0) -> torch.Tensor:
     if x.is_cuda and _ops is not None:
         return torch.ops.qrun.quant_linear_silu_mul(x, qweight, scales, zeros, encoding, block_size,
-                                                    in_features)
-    return quant_linear_silu_mul_ref(x, qweight, scales, zeros, encoding, block_size, in_features)
+                                                    in_features, norm_weight, eps)
+    return quant_linear_silu_mul_ref(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight,
+                                     eps)

@@ -4,7 +4,8 @@ Static shapes for CUDA graphs: the grid is fixed (batch x KV heads x NSPLIT slic
 valid length pos + 1 is read on the device; slices past it exit at once. Each program serves the G = H/KV
 query heads that share its KV head (GQA), so each K/V row is read once; the heads are padded to 16 rows so
 the scores and the weighted sum run on tensor cores. Pass 1 writes per-slice (max, sum, unnormalised
-output); pass 2 combines the slices.
+output); pass 2 combines the slices. With one slice (a cache of <= 511 positions) pass 1
+normalises and writes the output itself.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def decode_attention_kernel(
     # pointers: q (B, H, HD), caches (B', KV, S, HD), position (1,) int64, partials m/l (B, H, NSPLIT),
-    # o (B, H, NSPLIT, HD) float32
-    q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr,
+    # o (B, H, NSPLIT, HD) float32, y (B, H * HD) (written directly when NSPLIT == 1)
+    q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, y_ptr,
     # sizes
     H, KV, S, CHUNK, scale,
     # meta
@@ -70,10 +71,15 @@ def decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    out = (b * H + heads) * NSPLIT + split
-    tl.store(m_ptr + out, m_i, mask=rmask)
-    tl.store(l_ptr + out, l_i, mask=rmask)
-    tl.store(o_ptr + out[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
+    if NSPLIT == 1:  # one slice: normalise here and skip the combine kernel (y_ptr: (B, H * HD))
+        y = acc / l_i[:, None]
+        tl.store(y_ptr + (b * H + heads)[:, None] * HD + d[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None])
+    else:
+        out = (b * H + heads) * NSPLIT + split
+        tl.store(m_ptr + out, m_i, mask=rmask)
+        tl.store(l_ptr + out, l_i, mask=rmask)
+        tl.store(o_ptr + out[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
 
 
 @triton.jit
@@ -109,17 +115,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     g = h // kv
     nsplit = n_splits(s)
     chunk = triton.cdiv(triton.cdiv(s, nsplit), 64) * 64
-    m = torch.empty(b, h, nsplit, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    o = torch.empty(b, h, nsplit, hd, dtype=torch.float32, device=q.device)
+    y = torch.empty(b, h * hd, dtype=q.dtype, device=q.device)
+    if nsplit > 1:
+        m = torch.empty(b, h, nsplit, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        o = torch.empty(b, h, nsplit, hd, dtype=torch.float32, device=q.device)
+    else:  # the kernel normalises and writes y itself
+        m = l = o = y
     q = q.contiguous()
-    decode_attention_kernel[(b * kv, nsplit)](q, k_cache, v_cache, input_pos, m, l, o, h, kv, s, chunk,
+    decode_attention_kernel[(b * kv, nsplit)](q, k_cache, v_cache, input_pos, m, l, o, y, h, kv, s, chunk,
                                               1.0 / math.sqrt(hd), G=g, GP=max(16, triton.next_power_of_2(g)),
                                               HD=hd, BLOCK_S=64, NSPLIT=nsplit, INTERPRET=INTERPRET,
                                               num_warps=4, **pdl_kwargs(q),
                                               PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    y = torch.empty(b, h * hd, dtype=q.dtype, device=q.device)
-    combine_kernel[(b * h,)](m, l, o, y, HD=hd, NSPLIT=nsplit, num_warps=1, **pdl_kwargs(q))
+    if nsplit > 1:
+        combine_kernel[(b * h,)](m, l, o, y, HD=hd, NSPLIT=nsplit, num_warps=1, **pdl_kwargs(q))
     return y
 
 

@@ -101,16 +101,22 @@ def _nibbles(w, SYM: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _step(x_ptr, z_ptr, w, s, rows, g0, K, NB, stride_zn,
-          ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+def _step(x_ptr, nw_ptr, z_ptr, w, s, rows, g0, K, NB, stride_zn,
+          ENC: tl.constexpr, B: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr):
     """float32 (ROWS, G, T) partial dot products of one step: words w (ROWS, G, T, 4) and scales s (ROWS, G)
-    of blocks g0 .. g0+G-1, against x[g0 B : (g0 + G) B]."""
+    of blocks g0 .. g0+G-1, against x[g0 B : (g0 + G) B] (times the norm weight with NORM), and the
+    (G, T, 4) per-thread sums of x^2 over the slice (for the RMSNorm scale; zeros without NORM)."""
     WPB: tl.constexpr = B // 8
     T: tl.constexpr = WPB // 4
     kx = (tl.arange(0, G)[:, None, None, None] * B + tl.arange(0, T)[None, :, None, None] * 32
           + tl.arange(0, 4)[None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, :])  # (G, T, 4, 8)
     kk = g0 * B + kx
     xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)             # (G, T, 4, 8)
+    if NORM:  # y = W (nw * x) * rsqrt(mean(x^2) + eps): the scalar rsqrt is applied in _finish
+        sq = tl.sum(xv * xv, axis=3)
+        xv = xv * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    else:
+        sq = tl.zeros(xv.shape[:3], tl.float32)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                                # (G, T, 4) each
     # every f_i = 128 + u_i: sum_k q_k x_k = sum_k f_k x_k - (128 + offset) sum_k x_k
     xs = (x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7)                             # (G, T, 4)
@@ -133,7 +139,7 @@ def _step(x_ptr, z_ptr, w, s, rows, g0, K, NB, stride_zn,
         z = tl.load(z_ptr + rows[:, None] * stride_zn + gi[None, :], mask=(gi < NB)[None, :],
                     other=0).to(tl.float32)
         part -= z[:, :, None] * tl.sum(xs, axis=2)[None, :, :]
-    return part * s[:, :, None]
+    return part * s[:, :, None], sq
 
 
 @triton.jit
@@ -147,29 +153,32 @@ def _rows_of(rb, N_OUT, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
 
 
 @triton.jit
-def _finish(acc, rb, bias_ptr, y_ptr, N_OUT, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SILU: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc (ROWS, G, T) of row block rb -> y rows (bias, SiLU*mul epilogue)."""
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+def _finish(acc, rstd, rb, bias_ptr, res_ptr, y_ptr, N_OUT, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_RES: tl.constexpr, SILU: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc (ROWS, G, T) of row block rb -> y rows: * rstd (RMSNorm, 1 without), + bias, SiLU*mul, + residual."""
+    out = tl.sum(tl.sum(acc, axis=2), axis=1) * rstd
     rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
+    if HAS_BIAS:  # (SILU has no bias)
+        out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if SILU:
         gate, up = tl.split(tl.reshape(out, (BLOCK_N, 2)))
         out = gate / (1.0 + tl.exp(-gate)) * up
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        out += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)
 
 
 @triton.jit
 def gemv_int4_kernel(
     # pointers: x (K,), W as int32 words (N, KP/8), scales (N, NB), zeros (N, NB) or dummy,
-    # bias (N_OUT,) or dummy, y (N_OUT,)
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    # sizes and strides (elements; stride_wn in int32 words)
-    N_OUT, K, NB, stride_wn, stride_sn, stride_zn,
+    # bias (N_OUT,) or dummy, RMSNorm weight (K,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,)
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr,
+    # sizes and strides (elements; stride_wn in int32 words); eps of the RMSNorm
+    N_OUT, K, NB, stride_wn, stride_sn, stride_zn, eps,
     # meta
-    ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
+    HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr, G: tl.constexpr, PERSIST: tl.constexpr = False, PDL: tl.constexpr = False,
     INTERPRET: tl.constexpr = False,
 ):
@@ -177,7 +186,9 @@ def gemv_int4_kernel(
     PERSIST) and walks each over K in steps of G blocks. The loop is flattened over (row block, step), so a
     persistent program streams from one row block into the next without draining: the next step's words
     and scales (possibly of the next row block) are loaded before the current step is computed.
-    With PDL the first step's loads are issued before waiting on the previous kernel (pdl.py)."""
+    With PDL the first step's loads are issued before waiting on the previous kernel (pdl.py).
+    NORM: x is RMS-normalised on the fly (y = W (nw * x) / rms(x)); every program walks all of K for its
+    first row block, so it sums x^2 there and keeps the scale for its later row blocks. HAS_RES: y += res."""
     ASM: tl.constexpr = not INTERPRET
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -189,6 +200,8 @@ def gemv_int4_kernel(
         gdc_wait()
         gdc_launch_dependents()
     acc = tl.zeros((BLOCK_N * (2 if SILU else 1), G, B // 32), tl.float32)
+    ssq = tl.zeros((G, B // 32, 4), tl.float32)  # per-thread sums of x^2 (first row block only)
+    rstd = tl.full((), 1.0, tl.float32)
     for it in range(0, total):
         j = it // steps
         g0 = (it - j * steps) * G
@@ -201,8 +214,16 @@ def gemv_int4_kernel(
         g1 = tl.where(it1 < total, (it1 - j1 * steps) * G, NB)
         w_n, s_n = _load_words(w_ptr, s_ptr, _rows_of(pid + j1 * nprog, N_OUT, BLOCK_N, SILU), g1, NB,
                                stride_wn, stride_sn, B, G)
-        acc += _step(x_ptr, z_ptr, w, s, rows, g0, K, NB, stride_zn, ENC, B, G, ASM)
+        part, sq = _step(x_ptr, nw_ptr, z_ptr, w, s, rows, g0, K, NB, stride_zn, ENC, B, G, ASM, NORM)
+        acc += part
+        if NORM:
+            if j == 0:
+                ssq += sq
         if g0 + G >= NB:  # last step of this row block
-            _finish(acc, rb, bias_ptr, y_ptr, N_OUT, BLOCK_N, HAS_BIAS, SILU, INTERPRET)
+            if NORM:
+                if j == 0:
+                    rstd = tl.rsqrt(tl.sum(tl.sum(tl.sum(ssq, axis=2), axis=1), axis=0) / K + eps)
+            _finish(acc, rstd, rb, bias_ptr, res_ptr, y_ptr, N_OUT, BLOCK_N, HAS_BIAS, HAS_RES, SILU,
+                    INTERPRET)
             acc = tl.zeros_like(acc)
         w, s = w_n, s_n

@@ -91,10 +91,10 @@ def _gemv4_candidates(block_size, nb):
     PER_SM > 0: a persistent grid of PER_SM programs per SM streaming row block after row block.
     (A cp.async-pipelined K loop, tl.range(num_stages=2..4), measured 1.4-2.4x slower on the H100: PERF.md.)"""
     out = []
-    for bn, kstep, warps, per_sm in ((8, 4096, 4, 0), (4, 4096, 4, 0), (16, 2048, 2, 0), (8, 2048, 2, 0),
-                                     (4, 1024, 1, 0), (8, 1024, 1, 0), (16, 1024, 1, 0), (2, 8192, 8, 0),
-                                     (4, 2048, 2, 0), (4, 1024, 1, 16), (8, 1024, 1, 8), (4, 2048, 2, 8),
-                                     (8, 2048, 2, 4), (2, 1024, 1, 32)):
+    # A sweep of 14 configs timed in CUDA graphs (benchmarks/kernels.py --sweep, H100) found every shape's
+    # best few within 1% of each other, so the list is short: tuning time is paid at every cold start.
+    for bn, kstep, warps, per_sm in ((4, 1024, 1, 0), (8, 1024, 1, 0), (4, 2048, 2, 0), (8, 2048, 2, 0),
+                                     (4, 2048, 2, 8), (2, 1024, 1, 32)):
         g = max(1, min(kstep // block_size, triton_next_pow2(nb)))
         c = dict(BLOCK_N=bn, G=g, PER_SM=per_sm, num_warps=warps, num_stages=1)
         if c not in out:
@@ -143,8 +143,14 @@ def _gemm_candidates(m, block_size):
     return out
 
 
-def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, silu):
+def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, silu, norm_weight=None, eps=0.0,
+            residual=None):
+    """y = dequant(W) @ xn + bias (+ residual), xn = rmsnorm(x) * norm_weight when norm_weight is given, else x;
+    with silu: silu(gate) * up of the two row halves. The M = 1 word GEMV does the norm and the residual add
+    inside the kernel; other paths run the RMSNorm kernel first and add the residual after."""
     _check(x, qweight, scales, zeros, encoding, block_size, in_features)
+    if norm_weight is not None and norm_weight.shape != (in_features,):
+        raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for {in_features} input features")
     k = in_features
     n, nb = scales.shape
     if silu and n % 2:
@@ -158,11 +164,14 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n_out)
+    if residual is not None and residual.shape != (*lead, n_out):
+        raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {(*lead, n_out)}")
     code = _code_table(x.device) if encoding == "nf4" else scales
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
     dev = x.device.index if x.device.type == "cuda" else -1
-    common = (encoding, block_size, x.dtype, scales.dtype, n, k, bias is not None, silu)
+    common = (encoding, block_size, x.dtype, scales.dtype, n, k, bias is not None, silu, norm_weight is not None,
+              residual is not None)
 
     w32 = None
     if m == 1 and encoding in ("int4_sym", "int4_asym"):
@@ -171,8 +180,9 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         except RuntimeError:  # a view at an odd byte offset: the byte-wise GEMV below
             pass
     if w32 is not None:
-
         pdl = pdl_kwargs(x2)
+        nw = norm_weight if norm_weight is not None else scales
+        res = residual.reshape(n_out).contiguous() if residual is not None else scales
 
         def launch(c, out=y):
             c = dict(c)
@@ -180,13 +190,22 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             grid = triton_cdiv(n_out, c["BLOCK_N"])
             if per_sm:
                 grid = min(grid, per_sm * _sm_count(x2.device))
-            LAST["gemv"] = gemv_int4_kernel[(grid,)](x2, w32, scales, z, b, out, n_out, k, nb, w32.stride(0),
-                                                     scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
-                                                     HAS_BIAS=bias is not None, SILU=silu, PERSIST=per_sm > 0,
+            LAST["gemv"] = gemv_int4_kernel[(grid,)](x2, w32, scales, z, b, nw, res, out, n_out, k, nb,
+                                                     w32.stride(0), scales.stride(0), z.stride(0), eps,
+                                                     ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
+                                                     SILU=silu, NORM=norm_weight is not None,
+                                                     HAS_RES=residual is not None, PERSIST=per_sm > 0,
                                                      INTERPRET=INTERPRET, **pdl, **c)
         cfg = LAST["gemv_cfg"] = _pick((dev, "gemv4") + common, _gemv4_candidates(block_size, nb), launch)
         launch(cfg)
         return y.reshape(*lead, n_out)
+
+    if norm_weight is not None:  # not the word GEMV: normalise first (one Triton kernel)
+        from .rmsnorm import rms_norm_launch
+        x2 = rms_norm_launch(x2, norm_weight, eps)
+    if residual is not None:
+        y = _launch(x2, qweight, scales, zeros, bias, encoding, block_size, in_features, silu)
+        return (residual.reshape(m, n_out) + y).reshape(*lead, n_out)  # the residual stream's own rounding
 
     if m == 1:
         def launch(c, out=y):
@@ -238,12 +257,15 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features):
-    return _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, silu=False)
+def quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight=None,
+                        eps=0.0, residual=None):
+    return _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, False, norm_weight, eps,
+                   residual)
 
 
-def quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features):
-    return _launch(x, qweight, scales, zeros, None, encoding, block_size, in_features, silu=True)
+def quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight=None,
+                                 eps=0.0):
+    return _launch(x, qweight, scales, zeros, None, encoding, block_size, in_features, True, norm_weight, eps)
 
 
 # ------------------------------------------------------------------------------------ torch.library ops
@@ -251,22 +273,27 @@ def quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size
 @torch.library.custom_op("qrun::quant_linear", mutates_args=())
 def quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, encoding: str, block_size: int,
-                    in_features: int) -> torch.Tensor:
-    return quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features)
+                    in_features: int, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    return quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight,
+                               eps, residual)
 
 
 @quant_linear_op.register_fake
-def _(x, qweight, scales, zeros, bias, encoding, block_size, in_features):
+def _(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight=None, eps=0.0,
+      residual=None):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
 @torch.library.custom_op("qrun::quant_linear_silu_mul", mutates_args=())
 def quant_linear_silu_mul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                              zeros: torch.Tensor | None, encoding: str, block_size: int,
-                             in_features: int) -> torch.Tensor:
-    return quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features)
+                             in_features: int, norm_weight: torch.Tensor | None = None,
+                             eps: float = 0.0) -> torch.Tensor:
+    return quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features,
+                                        norm_weight, eps)
 
 
 @quant_linear_silu_mul_op.register_fake
-def _(x, qweight, scales, zeros, encoding, block_size, in_features):
+def _(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight=None, eps=0.0):
     return x.new_empty((*x.shape[:-1], scales.shape[0] // 2))

@@ -61,6 +61,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     return y.view(x.shape), h.view(x.shape)
 
 
+def rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rmsnorm(x) without the custom-op wrapper (for use inside other ops)."""
+    return _launch(x, weight, eps, None)[0]
+
+
 @torch.library.custom_op("qrun::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D) -> weight * rmsnorm(x), same shape and dtype."""

@@ -5,6 +5,10 @@ the loader (qrun/runtime/loader.py) swaps in filled modules of these classes, ch
 encoding in the file. Nothing here knows the file format; the quantized layouts are those of qrun/quant.py
 and the matmuls are qrun.kernels calls, so a faster kernel plugs in without touching this file.
 All weights are buffers: qrun only runs inference.
+
+Every linear takes two optional fusions, so that on the GPU a decode step needs no separate norm or add
+kernels: `norm` (an RMSNorm module: anything with .weight and .eps) is applied to x first, and `residual`
+(..., N) is added to the output. On the CPU both are done exactly as the unfused model would do them.
 """
 from __future__ import annotations
 
@@ -31,8 +35,10 @@ class Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias_tensor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(norm(x) if norm is not None else x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
 
 class QuantLinear(nn.Module):
@@ -49,9 +55,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, encoding=self.encoding,
-                                    block_size=self.block_size, in_features=self.in_features)
+                                    block_size=self.block_size, in_features=self.in_features,
+                                    norm_weight=None if norm is None else norm.weight,
+                                    eps=0.0 if norm is None else norm.eps, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.encoding}, block {self.block_size}"
@@ -66,8 +75,12 @@ class Concat(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.out_features = sum(p.out_features for p in parts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
+        y = torch.cat([p(x) for p in self.parts], dim=-1)
+        return y if residual is None else residual + y
 
 
 class FusedSiluMul(nn.Module):
@@ -78,12 +91,14 @@ class FusedSiluMul(nn.Module):
         super().__init__()
         self.proj = proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         p = self.proj
         if isinstance(p, QuantLinear):
             return kernels.quant_linear_silu_mul(x, p.qweight, p.scales, p.zeros, encoding=p.encoding,
-                                                 block_size=p.block_size, in_features=p.in_features)
-        g, u = p(x).chunk(2, dim=-1)
+                                                 block_size=p.block_size, in_features=p.in_features,
+                                                 norm_weight=None if norm is None else norm.weight,
+                                                 eps=0.0 if norm is None else norm.eps)
+        g, u = p(x, norm=norm).chunk(2, dim=-1)
         return F.silu(g) * u
 
 
@@ -94,7 +109,9 @@ class SiluMul(nn.Module):
         super().__init__()
         self.gate, self.up = gate, up
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
         return F.silu(self.gate(x)) * self.up(x)
 
 

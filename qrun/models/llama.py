@@ -127,19 +127,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("weight", torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """x (..., D) -> normed x; with residual: (normed (x + residual), x + residual), the add fused in."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> normed x. The model mostly passes this module to the linear that follows instead
+        (qrun/models/linear.py), which fuses it into its kernel on the GPU."""
         if x.is_cuda and kernels.rms_norm is not None:  # one Triton kernel instead of ~8 small ones
-            if residual is None:
-                return kernels.rms_norm(x, self.weight, self.eps)
-            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = x + residual
-            return self.forward(x), x
-        # Normalise in float32, scale in the activation dtype (as the reference implementation does).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm_ref(x, self.weight, self.eps)  # Hugging Face's roundings
 
 
 class KVCache(nn.Module):
@@ -166,17 +159,20 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # full (max_seq, hd) tables, set with the cache
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
-        """x (B, T, D); cos/sin (T, hd); mask (T, S) bool, True = may attend; input_pos (T,) or None;
+    def forward(self, x, cos, sin, mask, input_pos, kv_len=None, norm=None, residual=None):
+        """x (B, T, D) -> o_proj(attention) (+ residual); norm: an RMSNorm applied to x first (fused into the
+        qkv projection); cos/sin (T, hd); mask (T, S) bool, True = may attend; input_pos (T,) or None;
         kv_len: read only cache positions [0, kv_len) (S = kv_len), or the whole cache when None."""
         b, t, _ = x.shape
+        qkv = self.qkv_proj(x, norm=norm)
         if t == 1 and input_pos is not None and x.is_cuda and kernels.decode_attention is not None \
                 and self.hd & (self.hd - 1) == 0:
             # Decode step on the GPU: RoPE + cache write in one kernel, attention reading only [0, pos].
             c = self.kv_cache
-            q = kernels.rope_kv_write(self.qkv_proj(x), *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
-            return self.o_proj(kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos).view(b, 1, -1))
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+            q = kernels.rope_kv_write(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
+            return self.o_proj(kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos).view(b, 1, -1),
+                               residual=residual)
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
         q = apply_rope(q.view(b, t, self.n_heads, self.hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.view(b, t, self.n_kv, self.hd).transpose(1, 2), cos, sin)  # (B, KV, T, hd)
         v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
@@ -190,7 +186,7 @@ class Attention(nn.Module):
             r = self.n_heads // self.n_kv
             y = F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1),
                                                attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd), residual=residual)
 
 
 class FeedForward(nn.Module):
@@ -199,8 +195,9 @@ class FeedForward(nn.Module):
         self.gate_up_proj = FusedSiluMul(Linear(a.dim, 2 * a.intermediate_size))  # (B, T, D) -> (B, T, I)
         self.down_proj = Linear(a.intermediate_size, a.dim)
 
-    def forward(self, x):
-        return self.down_proj(self.gate_up_proj(x))
+    def forward(self, x, norm=None, residual=None):
+        """x (B, T, D) -> down(silu(gate(xn)) * up(xn)) (+ residual), xn = norm(x) when norm is given."""
+        return self.down_proj(self.gate_up_proj(x, norm=norm), residual=residual)
 
 
 class TransformerBlock(nn.Module):
@@ -212,21 +209,10 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(a)
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None):
-        """x (B, T, D) -> the block's output (B, T, D)."""
-        out, h = self.step(x, None, cos, sin, mask, input_pos, kv_len)
-        return h + out
-
-    def step(self, x, residual, cos, sin, mask, input_pos, kv_len=None):
-        """(x, residual) -> (mlp output, h), both (B, T, D), the block's output being h + mlp output. The
-        residual add is left to the caller so that it fuses into the next RMSNorm (one kernel on the GPU):
-        with residual given, the block's input is x + residual."""
-        if residual is None:
-            h, y = x, self.input_layernorm(x)
-        else:
-            y, h = self.input_layernorm(x, residual=residual)  # h = x + residual
-        a = self.self_attn(y, cos, sin, mask, input_pos, kv_len)
-        y, h = self.post_attention_layernorm(a, residual=h)  # h = h + a
-        return self.mlp(y), h
+        """x (B, T, D) -> the block's output (B, T, D). Each norm is handed to the projection after it and
+        each residual add to the projection before it, so that on the GPU they run inside those kernels."""
+        h = self.self_attn(x, cos, sin, mask, input_pos, kv_len, norm=self.input_layernorm, residual=x)
+        return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
 
 
 class Transformer(nn.Module):
@@ -276,11 +262,6 @@ class Transformer(nn.Module):
         mask = keys[None, :] <= pos[:, None]  # (T, S)
         x = self.embed_tokens(tokens)
         cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
-        res = None  # residual stream; x is the last block's MLP output, not yet added to it
         for layer in self.layers:
-            x, res = layer.step(x, res, cos, sin, mask, input_pos, kv_len)
-        if last_only:
-            x = x[:, -1:]
-            res = res[:, -1:] if res is not None else None
-        x = self.norm(x) if res is None else self.norm(x, residual=res)[0]
-        return self.lm_head(x)
+            x = layer(x, cos, sin, mask, input_pos, kv_len)
+        return self.lm_head(x[:, -1:] if last_only else x, norm=self.norm)

@@ -429,11 +429,14 @@ def calibrate(src, text_path: str | None, opts, calib_tokens: int | None = None,
             H = {m: None for m, _ in _GROUPS}
 
             def hook(mod_name):
-                def f(_module, inp):
-                    a = inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float32)  # (tokens, K)
+                def f(_module, args, kwargs):
+                    a = args[0]
+                    if kwargs.get("norm") is not None:  # the model hands the RMSNorm to the linear to fuse
+                        a = kwargs["norm"](a)
+                    a = a.reshape(-1, a.shape[-1]).to(torch.float32)  # (tokens, K): what the weight sees
                     H[mod_name] = a.T @ a if H[mod_name] is None else H[mod_name].addmm_(a.T, a)
                 return f
-            handles = [modules[m].register_forward_pre_hook(hook(m)) for m, _ in _GROUPS]
+            handles = [modules[m].register_forward_pre_hook(hook(m), with_kwargs=True) for m, _ in _GROUPS]
             _run(block, x, cos, sin, mask, batch)  # collect the Hessians
             for h in handles:
                 h.remove()
