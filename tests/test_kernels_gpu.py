@@ -135,3 +135,36 @@ def test_gemv4_configs(enc, b, n, k, every, monkeypatch):
             y = quant_linear(x, *parts, None, encoding=enc, block_size=b, in_features=k)
             _check(y, _ref(x, parts, n, k, enc, b))
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("enc", ["int4_asym", "int4_sym", "int8_sym"])
+@pytest.mark.parametrize("k,n", [(896, 1152), (3584, 4608), (4864, 896)])
+def test_fused_norm_and_residual(enc, k, n):
+    # RMSNorm in the GEMV's prologue and the residual add in its epilogue (int4, M = 1; int8 takes the
+    # fallback), every candidate config being the same code path; the fused silu variant with the norm.
+    import qrun.kernels.ops as ops
+    torch.manual_seed(k + n)
+    parts = _weight(n, k, enc, 128)
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16) * 3
+    nw = (torch.rand(k, device=DEV) + 0.5).to(torch.bfloat16)
+    res = torch.randn(1, n, device=DEV, dtype=torch.bfloat16)
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    w = dequantize_parts(enc, parts_of(*parts), (n, k), 128, dtype=torch.bfloat16).double()
+    for cfg in ops._gemv4_candidates(128, -(-k // 128)):
+        ops._tuned.clear()
+        orig = ops._gemv4_candidates
+        ops._gemv4_candidates = lambda *a, c=cfg: [c]
+        try:
+            _poison((1, n), torch.bfloat16)
+            y = quant_linear(x, *parts, None, encoding=enc, block_size=128, in_features=k, norm_weight=nw, eps=1e-6,
+                             residual=res)
+            _check(y, xn @ w.T + res.double())
+            _poison((1, n // 2), torch.bfloat16)
+            y = quant_linear_silu_mul(x, *parts, encoding=enc, block_size=128, in_features=k, norm_weight=nw,
+                                      eps=1e-6)
+            g, u = (xn @ w.T).chunk(2, dim=-1)
+            _check(y, torch.nn.functional.silu(g) * u)
+        finally:
+            ops._gemv4_candidates = orig
+        if enc == "int8_sym":
+            break  # one path, no word-GEMV configs
