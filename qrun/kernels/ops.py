@@ -23,6 +23,7 @@ from .pdl import pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
+FUSE = os.environ.get("QRUN_FUSE_NORM", "1") != "0"  # 0: RMSNorm and residual outside the word GEMV (A/B timing)
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -179,6 +180,15 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             w32 = qweight.view(torch.int32)
         except RuntimeError:  # a view at an odd byte offset: the byte-wise GEMV below
             pass
+    if (norm_weight is not None or residual is not None) and (w32 is None or not FUSE):
+        # not fused into the word GEMV: the RMSNorm kernel first, the residual added after
+        if norm_weight is not None:
+            from .rmsnorm import rms_norm_launch
+            x2 = rms_norm_launch(x2, norm_weight, eps)
+        y = _launch(x2, qweight, scales, zeros, bias, encoding, block_size, in_features, silu)
+        if residual is not None:
+            y = residual.reshape(m, n_out) + y  # the residual stream's own rounding
+        return y.reshape(*lead, n_out)
     if w32 is not None:
         pdl = pdl_kwargs(x2)
         nw = norm_weight if norm_weight is not None else scales
@@ -199,13 +209,6 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         cfg = LAST["gemv_cfg"] = _pick((dev, "gemv4") + common, _gemv4_candidates(block_size, nb), launch)
         launch(cfg)
         return y.reshape(*lead, n_out)
-
-    if norm_weight is not None:  # not the word GEMV: normalise first (one Triton kernel)
-        from .rmsnorm import rms_norm_launch
-        x2 = rms_norm_launch(x2, norm_weight, eps)
-    if residual is not None:
-        y = _launch(x2, qweight, scales, zeros, bias, encoding, block_size, in_features, silu)
-        return (residual.reshape(m, n_out) + y).reshape(*lead, n_out)  # the residual stream's own rounding
 
     if m == 1:
         def launch(c, out=y):
