@@ -24,6 +24,11 @@ from .pdl import pdl_kwargs
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
 FUSE = os.environ.get("QRUN_FUSE_NORM", "1") != "0"  # 0: RMSNorm and residual outside the word GEMV (A/B timing)
+# RMSNorm / residual are fused into the word GEMV only up to this many weights (N x K). Measured on the H100
+# (benchmarks/profile_decode.py, docs/PERF.md): fused, Qwen2-0.5B decodes 13% faster (its GEMVs are launch-
+# bound and two kernels a layer go away), but Qwen2.5-7B's GEMVs got ~2 us slower each, more than the
+# separate norm and add kernels cost (251.6 vs 264.6 tok/s).
+FUSE_MAX_WEIGHTS = 12_000_000
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -180,7 +185,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             w32 = qweight.view(torch.int32)
         except RuntimeError:  # a view at an odd byte offset: the byte-wise GEMV below
             pass
-    if (norm_weight is not None or residual is not None) and (w32 is None or not FUSE):
+    if (norm_weight is not None or residual is not None) and (w32 is None or not FUSE or n * k > FUSE_MAX_WEIGHTS):
         # not fused into the word GEMV: the RMSNorm kernel first, the residual added after
         if norm_weight is not None:
             from .rmsnorm import rms_norm_launch
