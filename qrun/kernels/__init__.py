@@ -15,7 +15,7 @@ qrun::quant_linear_silu_mul (see ops.py: GEMV for M = 1, tl.dot GEMM for M >= 2)
 plain-torch reference (reference.py).
 
 CUDA-only fused ops for the decode step (custom ops, capturable in a CUDA graph):
-    rms_norm(x, w, eps), add_rms_norm(x, residual, w, eps) -> (y, x + residual)
+    rms_norm(x, w, eps) -> w * rmsnorm(x)
     rope_kv_write(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads) -> rotated q (B, H, hd)
     decode_attention(q (B, H, hd), k_cache, v_cache, input_pos) -> (B, H * hd)
 """
@@ -28,10 +28,10 @@ from .reference import quant_linear_ref, quant_linear_silu_mul_ref, rms_norm_ref
 try:  # triton is a Linux-only dependency; without it only the reference path exists
     from . import ops as _ops
     from .decode_attention import decode_attention  # noqa: F401  (CUDA decode step: attention over the cache)
-    from .rmsnorm import add_rms_norm, rms_norm  # noqa: F401  (CUDA: RMSNorm, fused with the residual add)
+    from .rmsnorm import rms_norm  # noqa: F401  (CUDA: RMSNorm in one kernel)
     from .rope_cache import rope_kv_write  # noqa: F401  (CUDA decode step: RoPE + KV-cache write)
 except ImportError:  # pragma: no cover
-    _ops = decode_attention = add_rms_norm = rms_norm = rope_kv_write = None
+    _ops = decode_attention = rms_norm = rope_kv_write = None
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
