@@ -237,7 +237,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         if silu or INTERPRET or m > 64:
             return 1
         tiles = triton_cdiv(n_out, c["BLOCK_N"]) * triton_cdiv(m, c["BLOCK_M"])
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        sms = _sm_count(x.device)
         if tiles >= sms:
             return 1
         return max(1, min(triton_cdiv(2 * sms, tiles), kp // c["BLOCK_K"] // 4, 16))
