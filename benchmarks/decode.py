@@ -24,6 +24,10 @@ def qrun(*args: str, timeout: float = 300, env: dict | None = None) -> subproces
         return subprocess.CompletedProcess(args, 124, "", f"timed out after {timeout} s")
 
 
+ENVS = {"nopdl": {"QRUN_PDL": "0"}, "fuse": {"QRUN_FUSE_MAX_WEIGHTS": str(10**12)},
+        "nofuse": {"QRUN_FUSE_NORM": "0"}, "rows": {"QRUN_LAYOUT": "rows"}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="qwen2-0.5b,qwen2.5-7b")
@@ -31,7 +35,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
-                    "graph,nopdl (graph without programmatic dependent launch),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
+                    "graph,nopdl (graph without programmatic dependent launch),fuse (RMSNorm/residual fused into every int4 GEMV),nofuse (never),rows (canonical int4 layout, not il4),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -46,6 +50,9 @@ def main() -> None:
             continue
         runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
                 ("nopdl", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # graph, QRUN_PDL=0
+                ("fuse", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # norms fused at every size
+                ("nofuse", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # norms never fused
+                ("rows", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # canonical int4 layout
                 ("sync", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--no-run-ahead"]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
                 ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),
@@ -53,8 +60,7 @@ def main() -> None:
         for label, extra in runs:
             if label not in a.runs.split(","):
                 continue
-            p = qrun("bench", "--model", path, "--device", "cuda", "--json", *extra,
-                     env={"QRUN_PDL": "0"} if label == "nopdl" else None)
+            p = qrun("bench", "--model", path, "--device", "cuda", "--json", *extra, env=ENVS.get(label))
             if p.returncode:
                 print(f"[{cfg}] {label}: FAILED {p.stderr.strip()[-500:]}", flush=True)
                 continue

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qrun.kernels.ops as ops  # noqa: E402
 import qrun.kernels.pdl as pdl  # noqa: E402
 from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
+from qrun.kernels.layout import interleave4  # noqa: E402
 from qrun.kernels.reference import parts_of  # noqa: E402
 from qrun.quant import dequantize_parts, quantize  # noqa: E402
 
@@ -42,6 +43,7 @@ MS = [1, 2, 4, 8, 16, 64, 256, 1024]
 ENC, BLOCK = "int4_sym", 128
 SWEEP = ("0.5B qkv", "0.5B o", "0.5B gate+up", "0.5B down", "7B qkv", "7B o", "7B gate+up", "7B down", "7B lm_head")
 ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2
+LAYOUT = ["il4"]  # weight layout of ours (--layout): "il4" is what the loader gives int4 weights on CUDA
 
 
 @triton.jit
@@ -127,10 +129,12 @@ def make_ours(k, n, silu, m, nc):
             sc = (torch.rand(sc0.shape, device="cuda") * 0.02 + 1e-3).half()
         if i == 0:
             qw0, sc0 = qw, sc
+        if LAYOUT[0] == "il4":
+            qw, sc, _ = interleave4(qw, sc, None)
         sets.append((torch.randn(m, k, device="cuda", dtype=torch.bfloat16), qw, sc))
     op = quant_linear_silu_mul if silu else (lambda x, q, s, z, **kw: quant_linear(x, q, s, z, None, **kw))
-    fns = [(lambda x=x, q=q, s=s: op(x, q, s, None, encoding=ENC, block_size=BLOCK, in_features=k))
-           for x, q, s in sets]
+    fns = [(lambda x=x, q=q, s=s: op(x, q, s, None, encoding=ENC, block_size=BLOCK, in_features=k,
+                                     layout=LAYOUT[0])) for x, q, s in sets]
     nbytes = qw0.numel() + sc0.numel() * 2 + m * k * 2 + m * (n // 2 if silu else n) * 2
     return fns, nbytes
 
@@ -141,6 +145,8 @@ def check(k, n, silu):
     qt = quantize(torch.randn(n, k, device="cuda"), ENC, BLOCK)
     p = (qt.parts["qweight"], qt.parts["scales"], None)
     w = dequantize_parts(ENC, parts_of(*p), (n, k), BLOCK, dtype=torch.bfloat16).double()
+    if LAYOUT[0] == "il4":
+        p = interleave4(*p)
     for m in (1, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         torch.full((m, n // 2 if silu else n), float("nan"), device="cuda", dtype=torch.bfloat16)  # poison
@@ -148,9 +154,9 @@ def check(k, n, silu):
         if silu:
             g, u = ref.chunk(2, dim=-1)
             ref = F.silu(g) * u
-            y = quant_linear_silu_mul(x, *p, encoding=ENC, block_size=BLOCK, in_features=k)
+            y = quant_linear_silu_mul(x, *p, encoding=ENC, block_size=BLOCK, in_features=k, layout=LAYOUT[0])
         else:
-            y = quant_linear(x, *p, None, encoding=ENC, block_size=BLOCK, in_features=k)
+            y = quant_linear(x, *p, None, encoding=ENC, block_size=BLOCK, in_features=k, layout=LAYOUT[0])
         if not torch.isfinite(y).all():
             raise SystemExit(f"FAIL: NaN/Inf in output K={k} N={n} M={m}")
         err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -215,14 +221,15 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
 def sweep_gemv4(shapes):
     """M = 1: time every word-GEMV candidate config on each shape (graph, rotated copies); -> printable lines."""
     lines = []
-    orig = ops._gemv4_candidates
+    attr = "_il4_candidates" if LAYOUT[0] == "il4" else "_gemv4_candidates"
+    orig = getattr(ops, attr)
     for name, k, n, silu in shapes:
         if name not in SWEEP:
             continue
         nb = -(-k // BLOCK)
         res = []
-        for cfg in orig(BLOCK, nb):
-            ops._gemv4_candidates = lambda *a, c=cfg: [c]
+        for cfg in (orig(nb) if LAYOUT[0] == "il4" else orig(BLOCK, nb)):
+            setattr(ops, attr, lambda *a, c=cfg: [c])
             fns = None
             try:
                 fns, _ = make_ours(k, n, silu, 1, copies_for(n * k // 2))
@@ -231,12 +238,12 @@ def sweep_gemv4(shapes):
                 t = float("nan")
                 print(f"  {name} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
             finally:
-                ops._gemv4_candidates = orig
+                setattr(ops, attr, orig)
             res.append((t, cfg))
             del fns
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
-        lines.append(f"{name:14s} " + "  ".join(f"{t:.2f}us {c['BLOCK_N']}/{c['G']}/{c['num_warps']}w/p{c['PER_SM']}"
-                                            for t, c in res[:6]))
+        lines.append(f"{name:14s} " + "  ".join(
+            f"{t:.2f}us " + "/".join(str(v) for key, v in c.items() if key != "num_stages") for t, c in res[:6]))
         print("  sweep " + lines[-1], flush=True)
     return lines
 
@@ -248,13 +255,15 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
     ap.add_argument("--quick", action="store_true", help="M = 1 and 1024 only (saves device time)")
     ap.add_argument("--sweep", action="store_true", help="first time every word-GEMV config at M = 1")
+    ap.add_argument("--layout", default="il4", choices=("il4", "rows"), help="weight layout of ours")
     args = ap.parse_args()
+    LAYOUT[0] = args.layout
     ms = [1, 1024] if args.quick else [int(v) for v in args.m.split(",")]
     shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes.split(","))]
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                triton=triton.__version__, encoding=ENC, block_size=BLOCK)
+                triton=triton.__version__, encoding=ENC, block_size=BLOCK, layout=LAYOUT[0])
     print(meta, flush=True)
 
     print("correctness (M = 1, 64; float64 reference):", flush=True)
@@ -281,7 +290,8 @@ def main():
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
     print(f"\n{meta['device']}, copy {copy_bw / 1e9:.0f} GB/s, empty launch {empty_graph:.2f} us (graph) / "
-          f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16, times per call inside a CUDA graph")
+          f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16 layout {LAYOUT[0]}, times per call inside a "
+          "CUDA graph")
     print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'noPDL':>7s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
           f"{'cuBLAS':>8s} {'x':>5s} {'int4pk':>8s} {'x':>5s} {'TFLOP/s':>7s}")
     for r in rows:
@@ -293,7 +303,8 @@ def main():
               f"{npdl:>7s} {eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
               f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}")
     if sweep:
-        print("word-GEMV configs at M = 1, fastest first (time BLOCK_N/G/warps/programs per SM, 0 = one per row block):")
+        print("GEMV configs at M = 1, fastest first (time, then the config's values: il4 R4/G/warps, rows "
+              "BLOCK_N/G/PER_SM/warps):")
         print("\n".join(sweep))
 
 

@@ -45,6 +45,21 @@ def cases():
                                        bias=False, silu=True, norm=True)))
     out.append(("norm-fp32-gemv", dict(enc="int4_sym", b=32, m=1, n=21, k=72, dtype="float32", bias=False,
                                        silu=False, norm=True, res=True)))
+    # the "il4" layout (int4 rows interleaved by 4, made by interleave4): its own GEMV at M = 1, the GEMM's
+    # interleaved addressing at M > 1; K = 200 leaves a partial last step and a K < Kp tail
+    for enc in ("int4_sym", "int4_asym"):
+        for b in BLOCKS:
+            for m in (1, 3):
+                out.append((f"il4-{enc}-B{b}-M{m}", dict(enc=enc, b=b, m=m, n=36, k=200, dtype="bfloat16",
+                                                          bias=(b == 64), silu=False, layout="il4")))
+    out.append(("il4-norm-res-gemv", dict(enc="int4_asym", b=32, m=1, n=36, k=200, dtype="bfloat16", bias=True,
+                                          silu=False, norm=True, res=True, layout="il4")))
+    out.append(("il4-norm-silu-gemv", dict(enc="int4_sym", b=64, m=1, n=2 * 20, k=150, dtype="bfloat16",
+                                           bias=False, silu=True, norm=True, layout="il4")))
+    out.append(("il4-silu-gemm", dict(enc="int4_asym", b=32, m=3, n=2 * 20, k=72, dtype="bfloat16", bias=False,
+                                      silu=True, layout="il4")))
+    out.append(("il4-fp16-gemv", dict(enc="int4_sym", b=128, m=1, n=24, k=300, dtype="float16", bias=True,
+                                      silu=False, layout="il4")))
     return out
 
 
@@ -53,6 +68,7 @@ def cases():
 def _run_cases() -> dict:
     import torch
 
+    from qrun.kernels.layout import interleave4
     from qrun.kernels.ops import quant_linear_silu_mul_triton, quant_linear_triton
     from qrun.kernels.reference import parts_of
     from qrun.quant import dequantize_parts, quantize
@@ -71,6 +87,9 @@ def _run_cases() -> dict:
         # same rounded x and bias, multiplied in float64: what is left is the kernel's own error.
         w = dequantize_parts(c["enc"], parts_of(*args), (c["n"], c["k"]), c["b"], dtype=dtype).double()
         nw = torch.rand(c["k"]).add(0.5).to(dtype) if c.get("norm") else None
+        layout = c.get("layout", "rows")
+        if layout == "il4":  # the oracle above read the canonical parts
+            args = interleave4(*args)
         xd = x.double()
         if nw is not None:
             xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
@@ -78,12 +97,12 @@ def _run_cases() -> dict:
         if c["silu"]:
             g, u = ref.chunk(2, dim=-1)
             ref = torch.nn.functional.silu(g) * u
-            y = quant_linear_silu_mul_triton(x, *args, c["enc"], c["b"], c["k"], nw, 1e-5)
+            y = quant_linear_silu_mul_triton(x, *args, c["enc"], c["b"], c["k"], nw, 1e-5, layout)
         else:
             res_in = torch.randn(ref.shape).to(dtype) if c.get("res") else None
             if res_in is not None:
                 ref = ref + res_in.double()
-            y = quant_linear_triton(x, *args, bias, c["enc"], c["b"], c["k"], nw, 1e-5, res_in)
+            y = quant_linear_triton(x, *args, bias, c["enc"], c["b"], c["k"], nw, 1e-5, res_in, layout)
         ok_shape = tuple(y.shape) == tuple(ref.shape) and y.dtype == dtype
         err = ((y.double() - ref).norm() / ref.norm()).item() if ok_shape else float("inf")
         res[name] = dict(err=err, finite=bool(torch.isfinite(y).all()), shape_ok=ok_shape)

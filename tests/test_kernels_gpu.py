@@ -168,3 +168,45 @@ def test_fused_norm_and_residual(enc, k, n):
             ops._gemv4_candidates = orig
         if enc == "int8_sym":
             break  # one path, no word-GEMV configs
+
+
+@pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
+@pytest.mark.parametrize("k,n", [(896, 1152), (4864, 896), (3584, 4608), (18944, 3584), (3584, 37888)])
+def test_il4_layout_every_config(enc, k, n):
+    # The interleaved layout the loader gives int4 weights on CUDA: every GEMV candidate config with bias, with
+    # the fused norm + residual and as the fused gate+up; the GEMM's interleaved addressing at M = 3 and 64.
+    import qrun.kernels.ops as ops
+    from qrun.kernels.layout import interleave4
+    torch.manual_seed(k * 7 + n)
+    parts = _weight(n, k, enc, 128)
+    il = interleave4(*parts)
+    w = dequantize_parts(enc, parts_of(*parts), (n, k), 128, dtype=torch.bfloat16).double()
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16) * 3
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    nw = (torch.rand(k, device=DEV) + 0.5).to(torch.bfloat16)
+    res = torch.randn(1, n, device=DEV, dtype=torch.bfloat16)
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    orig = ops._il4_candidates
+    try:
+        for cfg in orig(-(-k // 128)):
+            ops._tuned.clear()
+            ops._il4_candidates = lambda *a, c=cfg: [c]
+            _poison((1, n), torch.bfloat16)
+            y = quant_linear(x, *il, bias, encoding=enc, block_size=128, in_features=k, layout="il4")
+            _check(y, x.double() @ w.T + bias.double())
+            _poison((1, n), torch.bfloat16)
+            y = quant_linear(x, *il, None, encoding=enc, block_size=128, in_features=k, norm_weight=nw, eps=1e-6,
+                             residual=res, layout="il4")
+            _check(y, xn @ w.T + res.double())
+            _poison((1, n // 2), torch.bfloat16)
+            y = quant_linear_silu_mul(x, *il, encoding=enc, block_size=128, in_features=k, norm_weight=nw,
+                                      eps=1e-6, layout="il4")
+            g, u = (xn @ w.T).chunk(2, dim=-1)
+            _check(y, torch.nn.functional.silu(g) * u)
+    finally:
+        ops._il4_candidates = orig
+    for m in (3, 64):
+        xm = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        _poison((m, n), torch.bfloat16)
+        y = quant_linear(xm, *il, None, encoding=enc, block_size=128, in_features=k, layout="il4")
+        _check(y, xm.double() @ w.T)

@@ -10,6 +10,8 @@ activations out.
         weight rows [0, N/2) = gate, [N/2, N) = up -> (..., N/2) silu(gate) * up
 
 Scales are float16 or float32 (N, Kp/B); double-quantized scales are expanded by the loader first.
+layout="il4": int4 parts interleaved by `interleave4` (layout.py), which the decode GEMV reads fastest; the
+loader makes them for CUDA. Both calls take it; the default "rows" is the canonical layout.
 On CUDA tensors these call the Triton kernels through the custom ops qrun::quant_linear and
 qrun::quant_linear_silu_mul (see ops.py: GEMV for M = 1, tl.dot GEMM for M >= 2); elsewhere the
 plain-torch reference (reference.py).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .layout import can_interleave4, deinterleave4, interleave4  # noqa: F401
 from .reference import quant_linear_ref, quant_linear_silu_mul_ref, rms_norm_ref  # noqa: F401
 
 try:  # triton is a Linux-only dependency; without it only the reference path exists
@@ -37,20 +40,20 @@ except ImportError:  # pragma: no cover
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, layout: str = "rows") -> torch.Tensor:
     if x.is_cuda and _ops is not None:
         return torch.ops.qrun.quant_linear(x, qweight, scales, zeros, bias, encoding, block_size, in_features,
-                                           norm_weight, eps, residual)
+                                           norm_weight, eps, residual, layout)
     return quant_linear_ref(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight, eps,
-                            residual)
+                            residual, layout)
 
 
 def quant_linear_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                           zeros: torch.Tensor | None, *, encoding: str, block_size: int,
                           in_features: int, norm_weight: torch.Tensor | None = None,
-                          eps: float = 0.0) -> torch.Tensor:
+                          eps: float = 0.0, layout: str = "rows") -> torch.Tensor:
     if x.is_cuda and _ops is not None:
         return torch.ops.qrun.quant_linear_silu_mul(x, qweight, scales, zeros, encoding, block_size,
-                                                    in_features, norm_weight, eps)
+                                                    in_features, norm_weight, eps, layout)
     return quant_linear_silu_mul_ref(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight,
-                                     eps)
+                                     eps, layout)

@@ -9,6 +9,8 @@ launcher times both for large M.
 BLOCK_K divides the quantization block B, so a K tile has one scale (and zero) per row: w = value * s + c
 with c = -offset * s, one FMA per weight before the cast to the activation dtype.
 SPLIT_K > 1 (small grids only) accumulates fp32 partial sums with atomics into a zeroed fp32 y.
+IL: the weight is in the "il4" layout (layout.py: int4 rows interleaved by 4 every 4 bytes), read through the
+same tiles with different address arithmetic (4-byte runs along K instead of whole rows).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
                stride_wn, stride_sn, stride_zn,
                ENC: tl.constexpr, B: tl.constexpr, SPLIT_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-               INTERPRET: tl.constexpr):
+               IL: tl.constexpr, INTERPRET: tl.constexpr):
     """float32 (BLOCK_N, BLOCK_M) = W[rows] @ x[offs_m]^T over this program's share of K."""
     BKB: tl.constexpr = BLOCK_K if ENC == "int8_sym" else BLOCK_K // 2  # packed bytes per K tile
     offs_kb = tl.arange(0, BKB)
@@ -32,15 +34,27 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if IL:  # element [n, c] of an (N, C) part lives at [n // 4, c // e, n % 4, c % e] (e = 4 bytes, 1 scale)
+        wrow = (rows // 4) * (4 * stride_wn) + (rows % 4) * 4                    # (BLOCK_N,)
+        srow = (rows // 4) * (4 * stride_sn) + (rows % 4)
+        zrow = (rows // 4) * (4 * stride_zn) + (rows % 4)
+    else:
+        wrow = rows * stride_wn
+        srow = rows * stride_sn
+        zrow = rows * stride_zn
     for kt in range(tl.program_id(2), tl.cdiv(KP, BLOCK_K), SPLIT_K):
         k0 = kt * BLOCK_K
         # KP is a multiple of B, and B of BLOCK_K: no mask along K for the weight.
-        q = tl.load(w_ptr + rows[:, None] * stride_wn + (k0 // (BLOCK_K // BKB) + offs_kb)[None, :],
-                    mask=rmask[:, None], other=0)                              # (BLOCK_N, BKB)
+        kb = k0 // (BLOCK_K // BKB) + offs_kb                                   # (BKB,) byte column
+        if IL:
+            kb = (kb // 4) * 16 + kb % 4
+        q = tl.load(w_ptr + wrow[:, None] + kb[None, :], mask=rmask[:, None], other=0)  # (BLOCK_N, BKB)
         g = k0 // B
-        s = tl.load(s_ptr + rows * stride_sn + g, mask=rmask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        if IL:
+            g = g * 4
+        s = tl.load(s_ptr + srow + g, mask=rmask, other=0.0).to(tl.float32)  # (BLOCK_N,)
         if ENC == "int4_asym":
-            c = -tl.load(z_ptr + rows * stride_zn + g, mask=rmask, other=0).to(tl.float32) * s
+            c = -tl.load(z_ptr + zrow + g, mask=rmask, other=0).to(tl.float32) * s
         elif ENC == "int4_sym":
             c = -8.0 * s
         elif ENC == "int8_sym":
@@ -80,18 +94,19 @@ def gemm_kernel(
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = True,
-    INTERPRET: tl.constexpr = False,
+    IL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N_OUT
     mmask = offs_m < M
     acc = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask, K, KP, stride_xm,
-                     stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, INTERPRET)
+                     stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, IL,
+                     INTERPRET)
     if SILU:  # the launcher never combines SILU with SPLIT_K > 1 (silu is not additive)
         up = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows + N_OUT, rmask, offs_m, mmask, K, KP,
                         stride_xm, stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M,
-                        BLOCK_K, SWAP, INTERPRET)
+                        BLOCK_K, SWAP, IL, INTERPRET)
         acc = acc / (1.0 + tl.exp(-acc)) * up
     if HAS_BIAS:
         if tl.program_id(2) == 0:

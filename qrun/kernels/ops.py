@@ -19,16 +19,19 @@ from qrun.quant import NF4_CODE
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
+from .gemv_il import gemv_il4_kernel
+from .layout import LAYOUTS
 from .pdl import pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
 FUSE = os.environ.get("QRUN_FUSE_NORM", "1") != "0"  # 0: RMSNorm and residual outside the word GEMV (A/B timing)
-# RMSNorm / residual are fused into the word GEMV only up to this many weights (N x K). Measured on the H100
-# (benchmarks/profile_decode.py, docs/PERF.md): fused, Qwen2-0.5B decodes 13% faster (its GEMVs are launch-
-# bound and two kernels a layer go away), but Qwen2.5-7B's GEMVs got ~2 us slower each, more than the
-# separate norm and add kernels cost (251.6 vs 264.6 tok/s).
-FUSE_MAX_WEIGHTS = 12_000_000
+# RMSNorm / residual are fused into the canonical-layout word GEMV only up to this many weights (N x K).
+# Measured on the H100 (benchmarks/profile_decode.py, docs/PERF.md): fused, Qwen2-0.5B decodes 13% faster
+# (its GEMVs are launch-bound and two kernels a layer go away), but Qwen2.5-7B's GEMVs got ~2 us slower each,
+# more than the separate norm and add kernels cost (251.6 vs 264.6 tok/s). The il4 GEMV fuses at every size:
+# Qwen2.5-7B 387 -> 405 tok/s, Qwen2-0.5B 1694 -> 1768 (benchmarks/decode.py --runs graph,fuse).
+FUSE_MAX_WEIGHTS = int(os.environ.get("QRUN_FUSE_MAX_WEIGHTS", 12_000_000))
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -91,6 +94,22 @@ def _gemv_candidates(encoding, block_size, nb):
     return out
 
 
+def _il4_candidates(nb):
+    """(R4 groups of 4 rows, G blocks per step, LATE, warps = G * 16 threads / 32): few row groups and short
+    steps give many programs for short K; long K (down projections) needs more warps per program along K.
+    LATE: under PDL, let the next kernel in after the K loop instead of at the start (gemv_il.py)."""
+    out = []
+    for r4, g, late in ((1, 2, 0), (1, 4, 0), (2, 4, 0), (1, 8, 0), (2, 8, 0), (1, 16, 0), (2, 2, 0),
+                        (1, 2, 1), (1, 8, 1), (1, 16, 1)):
+        g = min(g, triton_next_pow2(nb))
+        c = dict(R4=r4, G=g, LATE=bool(late), num_warps=max(1, g // 2), num_stages=1)
+        if c not in out:
+            out.append(c)
+    if INTERPRET:
+        out = [dict(R4=2, G=2, LATE=False, num_warps=1, num_stages=1)]
+    return out
+
+
 def _gemv4_candidates(block_size, nb):
     """(BLOCK_N rows per thread, K per step, warps, PER_SM): K per step = 32 * threads along K (one 16-byte
     load of 4 words = 32 k per thread per row), so every thread holds all BLOCK_N rows and the warps split K.
@@ -150,11 +169,18 @@ def _gemm_candidates(m, block_size):
 
 
 def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, silu, norm_weight=None, eps=0.0,
-            residual=None):
+            residual=None, layout="rows"):
     """y = dequant(W) @ xn + bias (+ residual), xn = rmsnorm(x) * norm_weight when norm_weight is given, else x;
     with silu: silu(gate) * up of the two row halves. The M = 1 word GEMV does the norm and the residual add
-    inside the kernel; other paths run the RMSNorm kernel first and add the residual after."""
+    inside the kernel; other paths run the RMSNorm kernel first and add the residual after.
+    layout: "rows" (canonical) or "il4" (int4 rows interleaved by 4, layout.py)."""
     _check(x, qweight, scales, zeros, encoding, block_size, in_features)
+    il = layout == "il4"
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown weight layout {layout!r}")
+    if il and (encoding not in ("int4_sym", "int4_asym") or scales.shape[0] % (8 if silu else 4) or block_size % 32):
+        raise ValueError(f"layout il4 needs int4 weights with rows in groups of 4 (got {encoding}, "
+                         f"{scales.shape[0]} rows)")
     if norm_weight is not None and norm_weight.shape != (in_features,):
         raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for {in_features} input features")
     k = in_features
@@ -177,22 +203,39 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     b = bias if bias is not None else scales
     dev = x.device.index if x.device.type == "cuda" else -1
     common = (encoding, block_size, x.dtype, scales.dtype, n, k, bias is not None, silu, norm_weight is not None,
-              residual is not None)
+              residual is not None, layout)
 
     w32 = None
-    if m == 1 and encoding in ("int4_sym", "int4_asym"):
+    if m == 1 and il:
+        w32 = qweight.view(torch.int32)  # interleave4 made it contiguous
+    elif m == 1 and encoding in ("int4_sym", "int4_asym"):
         try:  # the packed bytes as int32 words (no copy: Kp/2 is a multiple of 16 bytes for B >= 32)
             w32 = qweight.view(torch.int32)
         except RuntimeError:  # a view at an odd byte offset: the byte-wise GEMV below
             pass
-    if (norm_weight is not None or residual is not None) and (w32 is None or not FUSE or n * k > FUSE_MAX_WEIGHTS):
+    big = n * k > FUSE_MAX_WEIGHTS and not il  # the il4 GEMV fuses at every size (measured: PERF.md round 4)
+    if (norm_weight is not None or residual is not None) and (w32 is None or not FUSE or big):
         # not fused into the word GEMV: the RMSNorm kernel first, the residual added after
         if norm_weight is not None:
             from .rmsnorm import rms_norm_launch
             x2 = rms_norm_launch(x2, norm_weight, eps)
-        y = _launch(x2, qweight, scales, zeros, bias, encoding, block_size, in_features, silu)
+        y = _launch(x2, qweight, scales, zeros, bias, encoding, block_size, in_features, silu, layout=layout)
         if residual is not None:
             y = residual.reshape(m, n_out) + y  # the residual stream's own rounding
+        return y.reshape(*lead, n_out)
+    if w32 is not None and il:
+        pdl = pdl_kwargs(x2)
+        nw = norm_weight if norm_weight is not None else scales
+        res = residual.reshape(n_out).contiguous() if residual is not None else scales
+
+        def launch(c, out=y):
+            grid = (triton_cdiv(n_out // 4, c["R4"]),)
+            LAST["gemv"] = gemv_il4_kernel[grid](x2, w32, scales, z, b, nw, res, out, n_out, k, nb, eps,
+                                                 ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
+                                                 SILU=silu, NORM=norm_weight is not None,
+                                                 HAS_RES=residual is not None, INTERPRET=INTERPRET, **pdl, **c)
+        cfg = LAST["gemv_cfg"] = _pick((dev, "gemv_il4") + common, _il4_candidates(nb), launch)
+        launch(cfg)
         return y.reshape(*lead, n_out)
     if w32 is not None:
         pdl = pdl_kwargs(x2)
@@ -250,7 +293,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         LAST["gemm"] = gemm_kernel[grid](x2, qweight, scales, z, code, b, out, m, n_out, k, kp, x2.stride(0),
                           qweight.stride(0), scales.stride(0), z.stride(0), out.stride(0),
                           ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, SPLIT_K=split,
-                          INTERPRET=INTERPRET, **c)
+                          IL=il, INTERPRET=INTERPRET, **c)
         return out
 
     cfg = LAST["gemm_cfg"] = _pick((dev, "gemm", mb) + common, cands, launch)
@@ -266,14 +309,15 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight=None,
-                        eps=0.0, residual=None):
+                        eps=0.0, residual=None, layout="rows"):
     return _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, False, norm_weight, eps,
-                   residual)
+                   residual, layout)
 
 
 def quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight=None,
-                                 eps=0.0):
-    return _launch(x, qweight, scales, zeros, None, encoding, block_size, in_features, True, norm_weight, eps)
+                                 eps=0.0, layout="rows"):
+    return _launch(x, qweight, scales, zeros, None, encoding, block_size, in_features, True, norm_weight, eps,
+                   layout=layout)
 
 
 # ------------------------------------------------------------------------------------ torch.library ops
@@ -282,14 +326,14 @@ def quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size
 def quant_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     zeros: torch.Tensor | None, bias: torch.Tensor | None, encoding: str, block_size: int,
                     in_features: int, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor | None = None, layout: str = "rows") -> torch.Tensor:
     return quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight,
-                               eps, residual)
+                               eps, residual, layout)
 
 
 @quant_linear_op.register_fake
 def _(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight=None, eps=0.0,
-      residual=None):
+      residual=None, layout="rows"):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
@@ -297,11 +341,11 @@ def _(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_w
 def quant_linear_silu_mul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                              zeros: torch.Tensor | None, encoding: str, block_size: int,
                              in_features: int, norm_weight: torch.Tensor | None = None,
-                             eps: float = 0.0) -> torch.Tensor:
+                             eps: float = 0.0, layout: str = "rows") -> torch.Tensor:
     return quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size, in_features,
-                                        norm_weight, eps)
+                                        norm_weight, eps, layout)
 
 
 @quant_linear_silu_mul_op.register_fake
-def _(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight=None, eps=0.0):
+def _(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight=None, eps=0.0, layout="rows"):
     return x.new_empty((*x.shape[:-1], scales.shape[0] // 2))

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from qrun.quant import dequantize_parts
 
+from .layout import deinterleave4
+
 
 def parts_of(qweight, scales, zeros):
     parts = {"qweight": qweight, "scales": scales}
@@ -29,9 +31,12 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 def quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor | None, bias: torch.Tensor | None, encoding: str,
                      block_size: int, in_features: int, norm_weight: torch.Tensor | None = None,
-                     eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+                     eps: float = 0.0, residual: torch.Tensor | None = None, layout: str = "rows") -> torch.Tensor:
     """x (..., K) -> (..., N) in x.dtype; the weight is dequantized in float32 then cast to x.dtype.
-    norm_weight: x is first replaced by rms_norm_ref(x, norm_weight, eps); residual (..., N) is added last."""
+    norm_weight: x is first replaced by rms_norm_ref(x, norm_weight, eps); residual (..., N) is added last.
+    layout "il4": the parts are first put back in the canonical order (layout.py)."""
+    if layout == "il4":
+        qweight, scales, zeros = deinterleave4(qweight, scales, zeros)
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     n = scales.shape[0]
@@ -43,8 +48,9 @@ def quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 def quant_linear_silu_mul_ref(x, qweight, scales, zeros, encoding: str, block_size: int,
                               in_features: int, norm_weight: torch.Tensor | None = None,
-                              eps: float = 0.0) -> torch.Tensor:
+                              eps: float = 0.0, layout: str = "rows") -> torch.Tensor:
     """Rows [0, N/2) of the weight are the gate, rows [N/2, N) the up projection: silu(x Wg^T) * (x Wu^T)."""
-    y = quant_linear_ref(x, qweight, scales, zeros, None, encoding, block_size, in_features, norm_weight, eps)
+    y = quant_linear_ref(x, qweight, scales, zeros, None, encoding, block_size, in_features, norm_weight, eps,
+                         layout=layout)
     g, u = y.chunk(2, dim=-1)
     return F.silu(g) * u

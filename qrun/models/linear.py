@@ -43,12 +43,14 @@ class Linear(nn.Module):
 
 class QuantLinear(nn.Module):
     """y = x @ dequant(W)^T + b, W stored packed: qweight (N, Kp) int8 or (N, Kp/2) uint8, scales (N, Kp/B)
-    fp16/fp32, zeros (N, Kp/B) uint8 for int4_asym, bias (N,) in the compute dtype."""
+    fp16/fp32, zeros (N, Kp/B) uint8 for int4_asym, bias (N,) in the compute dtype. `layout` names how the
+    kernels find the parts in memory (qrun.kernels.layout: "rows" canonical, "il4" interleaved for the GPU)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int):
+                 bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int,
+                 layout: str = "rows"):
         super().__init__()
-        self.encoding, self.block_size = encoding, block_size
+        self.encoding, self.block_size, self.layout = encoding, block_size, layout
         self.in_features, self.out_features = in_features, scales.shape[0]
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
@@ -60,10 +62,10 @@ class QuantLinear(nn.Module):
         return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, encoding=self.encoding,
                                     block_size=self.block_size, in_features=self.in_features,
                                     norm_weight=None if norm is None else norm.weight,
-                                    eps=0.0 if norm is None else norm.eps, residual=residual)
+                                    eps=0.0 if norm is None else norm.eps, residual=residual, layout=self.layout)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.encoding}, block {self.block_size}"
+        return f"{self.in_features} -> {self.out_features}, {self.encoding}, block {self.block_size}, {self.layout}"
 
 
 class Concat(nn.Module):
@@ -97,7 +99,7 @@ class FusedSiluMul(nn.Module):
             return kernels.quant_linear_silu_mul(x, p.qweight, p.scales, p.zeros, encoding=p.encoding,
                                                  block_size=p.block_size, in_features=p.in_features,
                                                  norm_weight=None if norm is None else norm.weight,
-                                                 eps=0.0 if norm is None else norm.eps)
+                                                 eps=0.0 if norm is None else norm.eps, layout=p.layout)
         g, u = p(x, norm=norm).chunk(2, dim=-1)
         return F.silu(g) * u
 

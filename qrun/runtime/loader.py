@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from qrun.errors import QRunError
+from qrun.kernels.layout import can_interleave4, interleave4
 from qrun.models import ModelArgs, Transformer
 from qrun.models.linear import Concat, Embedding, FusedSiluMul, Linear, QuantEmbedding, QuantLinear, SiluMul
 from qrun.quant import ENCODINGS, dequantize_parts, effective_scales
@@ -169,8 +170,11 @@ class _Builder:
             raise QRunError(f"tensor {name!r} has an unknown encoding {enc!r} (a newer qrun wrote it?)")
         return enc not in LOSSLESS and not self.dequantize
 
-    def linear(self, names: list[str], biases: list[str | None], tensors: dict[str, Any]) -> torch.nn.Module:
-        """One weight or several stacked along the output rows (q/k/v, gate/up) -> one module if possible."""
+    def linear(self, names: list[str], biases: list[str | None], tensors: dict[str, Any],
+               row_groups: int = 4) -> torch.nn.Module:
+        """One weight or several stacked along the output rows (q/k/v, gate/up) -> one module if possible.
+        On CUDA, int4 weights whose row count is a multiple of `row_groups` get the "il4" layout the decode
+        GEMV reads fastest (qrun/kernels/layout.py; QRUN_LAYOUT=rows keeps the canonical one)."""
         infos = [self.reader.info(n) for n in names]
         k = infos[0].shape[1]
         quant = [self._is_quant(n) for n in names]
@@ -194,11 +198,16 @@ class _Builder:
         else:  # stack along output rows; every block lies within one row, so rows concatenate freely
             sdt = torch.float32 if any(x["scales"].dtype == torch.float32 for x in qs) else torch.float16
             q = {key: torch.cat([x[key].to(sdt) if key == "scales" else x[key] for x in qs]) for key in qs[0]}
+        layout = "rows"
+        if (q["qweight"].is_cuda and os.environ.get("QRUN_LAYOUT", "il4") == "il4"
+                and can_interleave4(infos[0].encoding, q["qweight"]) and q["qweight"].shape[0] % row_groups == 0):
+            q["qweight"], q["scales"], q["zeros"] = interleave4(q["qweight"], q["scales"], q.get("zeros"))
+            layout = "il4"
         return QuantLinear(q["qweight"], q["scales"], q.get("zeros"), bias, encoding=infos[0].encoding,
-                           block_size=infos[0].entry["block_size"], in_features=k)
+                           block_size=infos[0].entry["block_size"], in_features=k, layout=layout)
 
     def silu_mul(self, names, tensors) -> torch.nn.Module:
-        fused = self.linear(names, [None, None], tensors)
+        fused = self.linear(names, [None, None], tensors, row_groups=8)  # gate and up: 4-row groups each
         if isinstance(fused, Concat):
             return SiluMul(*fused.parts)
         return FusedSiluMul(fused)

@@ -1,0 +1,179 @@
+"""Decode GEMV (M = 1) for int4_sym / int4_asym on the row-interleaved layout: y (N,) = dequant(W) (N, K) @ x (K,).
+
+Layout "il4" (made at load time by `interleave4`, qrun/kernels/layout.py): rows are interleaved by 4 at int32-word
+granularity, words (N/4, KW, 4) with w[r, kw, j] = word kw of row 4 r + j (KW = Kp / 8; a word holds
+k = 8 kw .. 8 kw + 7, nibble i = element 8 kw + i, low nibble first, as in the canonical layout); scales and
+zeros (N/4, NB, 4) likewise.
+
+Why: one 16-byte load of a thread is then 4 rows x the same 8 k, so the thread needs exactly one 16-byte
+load of x (8 k) for it, and Triton gives the words and x the same register layout. In the canonical layout a
+thread's 16 bytes are 32 k of one row, its x slice is 4 vectors that Triton lays out across threads, and
+the kernel paid one shared-memory layout conversion (STSM + LDS + barrier) per x slice per step: 9 a step,
+seen in the SASS. Measured on the H100 (benchmarks/gemv_lab.py, docs/PERF.md round 4): 7B gate+up
+53 -> 35 us.
+
+Nibble -> float without I2F: `_dot_words` is one inline-asm block per word, 8 PRMT that put a nibble under
+the exponent of 2^7 (float 128 + u) and 8 FFMA against x; the common offset is folded out with sum(x):
+    sum_k q_k x_k = sum_k f_k x_k - (128 + offset) sum_k x_k    (offset 8 for sym, the block's zero for asym)
+The interpreter (no inline asm) takes the same values from shifts and masks.
+
+Program: R4 groups of 4 rows; a step covers G quantization blocks of B = 128 k: the tile (R4, G, B/8, 4) words,
+one word position (4 rows x 8 k) per thread and R4 16-byte loads per thread; G * B/8 threads. The next
+step's words and scales are loaded before the current step is computed.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dequant import cast
+from .gemv4 import _nibbles, _split8
+from .pdl import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _dot_words(w, x0, x1, x2, x3, x4, x5, x6, x7, c, SYM: tl.constexpr):
+    """float32 sum_i (128 + u_i) x_i + c per int32 word (u_i = nibble i, XORed with 8 for int4_sym).
+    One asm block per word keeps its 8 floats inside the block: one live result register per word."""
+    if SYM:
+        pre: tl.constexpr = "xor.b32 w, $1, 0x88888888; "
+    else:
+        pre: tl.constexpr = "mov.b32 w, $1; "
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 w, e, o, k, t, a; " + pre +
+        "mov.b32 k, 0x43000000; and.b32 e, w, 0x0F0F0F0F; shr.u32 o, w, 4; and.b32 o, o, 0x0F0F0F0F; "
+        "prmt.b32 t, e, k, 0x7044; fma.rn.f32 a, t, $2, $10; "
+        "prmt.b32 t, o, k, 0x7044; fma.rn.f32 a, t, $3, a; "
+        "prmt.b32 t, e, k, 0x7144; fma.rn.f32 a, t, $4, a; "
+        "prmt.b32 t, o, k, 0x7144; fma.rn.f32 a, t, $5, a; "
+        "prmt.b32 t, e, k, 0x7244; fma.rn.f32 a, t, $6, a; "
+        "prmt.b32 t, o, k, 0x7244; fma.rn.f32 a, t, $7, a; "
+        "prmt.b32 t, e, k, 0x7344; fma.rn.f32 a, t, $8, a; "
+        "prmt.b32 t, o, k, 0x7344; fma.rn.f32 a, t, $9, a; mov.b32 $0, a; }",
+        "=f,r,f,f,f,f,f,f,f,f,f", [w, x0, x1, x2, x3, x4, x5, x6, x7, c], dtype=tl.float32, is_pure=True,
+        pack=1)
+
+
+@triton.jit
+def _offsets(rg, N4, NB, B: tl.constexpr, G: tl.constexpr, R4: tl.constexpr):
+    """Word offsets (R4, G, B/8, 4) and scale offsets (R4, G, 1, 4) of step 0 for the row groups rg (R4,)."""
+    WPB: tl.constexpr = B // 8
+    rg = tl.minimum(rg, N4 - 1)  # clamped: every load in bounds, no row mask on the weight loads
+    g = tl.arange(0, G)
+    j = tl.arange(0, 4)
+    woff = (rg[:, None, None, None] * (NB * WPB * 4)
+            + (g[None, :, None, None] * WPB + tl.arange(0, WPB)[None, None, :, None]) * 4
+            + j[None, None, None, :])
+    soff = rg[:, None, None, None] * (NB * 4) + g[None, :, None, None] * 4 + j[None, None, None, :]
+    return woff, soff
+
+
+@triton.jit
+def _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0, NB, B: tl.constexpr, G: tl.constexpr, ENC: tl.constexpr):
+    """Words (R4, G, B/8, 4), scales and zeros (R4, G, 1, 4) float32 of blocks g0 .. g0 + G - 1 (masked
+    past NB: a step past the last loads nothing)."""
+    WPB: tl.constexpr = B // 8
+    gm = ((g0 + tl.arange(0, G)) < NB)[None, :, None, None]
+    w = tl.load(w_ptr + woff + g0 * (WPB * 4), mask=gm, other=0)
+    s = tl.load(s_ptr + soff + g0 * 4, mask=gm, other=0.0).to(tl.float32)
+    if ENC == "int4_asym":
+        z = tl.load(z_ptr + soff + g0 * 4, mask=gm, other=0).to(tl.float32)
+    else:
+        z = s
+    return w, s, z
+
+
+@triton.jit
+def _rows_dot(acc, w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, xs, ENC: tl.constexpr, ASM: tl.constexpr):
+    """acc (R4, G, B/8, 4) += scale * sum_i q_i x_i for every word of the step; x_i and xs = sum_i x_i are
+    (1, G, B/8, 1)."""
+    if ENC == "int4_sym":
+        c = -136.0 * xs  # f = 128 + (q + 8)
+    else:
+        c = -128.0 * xs  # f = 128 + u, q = u - z: the zero is taken off below
+    if ASM:
+        d = _dot_words(w, x0, x1, x2, x3, x4, x5, x6, x7, c, ENC == "int4_sym")
+    else:
+        f0, f1, f2, f3, f4, f5, f6, f7 = _nibbles(w, ENC == "int4_sym", False)
+        d = (f0 * x0 + f1 * x1 + f2 * x2 + f3 * x3) + (f4 * x4 + f5 * x5 + f6 * x6 + f7 * x7) + c
+    if ENC == "int4_asym":
+        d -= z * xs
+    return acc + d * s
+
+
+@triton.jit
+def gemv_il4_kernel(
+    # pointers: x (K,), words (N/4, KW, 4) int32, scales (N/4, NB, 4), zeros (N/4, NB, 4) or dummy,
+    # bias (N_OUT,) or dummy, RMSNorm weight (K,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,)
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr,
+    N_OUT, K, NB, eps,
+    ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
+    HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, LATE: tl.constexpr = False,
+    PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+):
+    """Program p: output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over all of K in steps of G blocks.
+    SILU: also the up rows (row group + N_OUT / 4) with the same x, then silu(gate) * up.
+    NORM: y = W (nw * x) * rsqrt(mean(x^2) + eps), the sum of x^2 taken on the way (each program reads all
+    of x). HAS_RES: y += residual. PDL: the first step's weights are loaded before waiting on the previous
+    kernel (pdl.py); the next kernel is let in at once, or with LATE only after this program's K loop (its
+    waiting programs then do not take SM slots while this grid is placed; measured on long-K shapes)."""
+    ASM: tl.constexpr = not INTERPRET
+    WPB: tl.constexpr = B // 8
+    N4 = N_OUT // 4
+    pid = tl.program_id(0)
+    rg = pid * R4 + tl.arange(0, R4)
+    woff, soff = _offsets(rg, N4, NB, B, G, R4)
+    w, s, z = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, 0, NB, B, G, ENC)
+    if SILU:
+        uoff, usoff = _offsets(rg + N4, N4 * 2, NB, B, G, R4)
+        wu, su, zu = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, 0, NB, B, G, ENC)
+    if PDL:
+        gdc_wait()
+        if not LATE:
+            gdc_launch_dependents()
+    acc = tl.zeros((R4, G, WPB, 4), tl.float32)
+    if SILU:
+        acc_u = tl.zeros((R4, G, WPB, 4), tl.float32)
+    ssq = tl.zeros((G, WPB), tl.float32)
+    xoff = (tl.arange(0, G)[:, None, None] * WPB + tl.arange(0, WPB)[None, :, None]) * 8 \
+        + tl.arange(0, 8)[None, None, :]                                             # (G, B/8, 8)
+    for g0 in range(0, NB, G):
+        w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + G, NB, B, G, ENC)
+        if SILU:
+            wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + G, NB, B, G, ENC)
+        kk = g0 * B + xoff
+        xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)          # (G, B/8, 8)
+        if NORM:
+            ssq += tl.sum(xv * xv, axis=2)
+            xv = xv * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                                # (G, B/8) each
+        xs = (x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7)
+        acc = _rows_dot(acc, w, s, z, x0[None, :, :, None], x1[None, :, :, None], x2[None, :, :, None],
+                        x3[None, :, :, None], x4[None, :, :, None], x5[None, :, :, None],
+                        x6[None, :, :, None], x7[None, :, :, None], xs[None, :, :, None], ENC, ASM)
+        if SILU:
+            acc_u = _rows_dot(acc_u, wu, su, zu, x0[None, :, :, None], x1[None, :, :, None],
+                              x2[None, :, :, None], x3[None, :, :, None], x4[None, :, :, None],
+                              x5[None, :, :, None], x6[None, :, :, None], x7[None, :, :, None],
+                              xs[None, :, :, None], ENC, ASM)
+            wu, su, zu = wu_n, su_n, zu_n
+        w, s, z = w_n, s_n, z_n
+    if PDL:
+        if LATE:
+            gdc_launch_dependents()
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)                                         # (R4, 4)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(tl.sum(ssq, axis=1), axis=0) / K + eps)
+        out = out * rstd
+    rows = (pid * R4 + tl.arange(0, R4))[:, None] * 4 + tl.arange(0, 4)[None, :]      # (R4, 4)
+    rmask = rows < N_OUT
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if SILU:
+        up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
+        if NORM:
+            up = up * rstd
+        out = out / (1.0 + tl.exp(-out)) * up
+    if HAS_RES:
+        out += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)
