@@ -108,15 +108,14 @@ def gemv_il4_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr,
     N_OUT, K, NB, eps,
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
-    HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, LATE: tl.constexpr = False,
-    PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+    HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False,
 ):
     """Program p: output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over all of K in steps of G blocks.
     SILU: also the up rows (row group + N_OUT / 4) with the same x, then silu(gate) * up.
     NORM: y = W (nw * x) * rsqrt(mean(x^2) + eps), the sum of x^2 taken on the way (each program reads all
     of x). HAS_RES: y += residual. PDL: the first step's weights are loaded before waiting on the previous
-    kernel (pdl.py); the next kernel is let in at once, or with LATE only after this program's K loop (its
-    waiting programs then do not take SM slots while this grid is placed; measured on long-K shapes)."""
+    kernel (pdl.py)."""
     ASM: tl.constexpr = not INTERPRET
     WPB: tl.constexpr = B // 8
     N4 = N_OUT // 4
@@ -129,8 +128,7 @@ def gemv_il4_kernel(
         wu, su, zu = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, 0, NB, B, G, ENC)
     if PDL:
         gdc_wait()
-        if not LATE:
-            gdc_launch_dependents()
+        gdc_launch_dependents()
     acc = tl.zeros((R4, G, WPB, 4), tl.float32)
     if SILU:
         acc_u = tl.zeros((R4, G, WPB, 4), tl.float32)
@@ -158,9 +156,6 @@ def gemv_il4_kernel(
                               xs[None, :, :, None], ENC, ASM)
             wu, su, zu = wu_n, su_n, zu_n
         w, s, z = w_n, s_n, z_n
-    if PDL:
-        if LATE:
-            gdc_launch_dependents()
     out = tl.sum(tl.sum(acc, axis=2), axis=1)                                         # (R4, 4)
     if NORM:
         rstd = tl.rsqrt(tl.sum(tl.sum(ssq, axis=1), axis=0) / K + eps)

@@ -26,12 +26,13 @@ from .pdl import pdl_kwargs
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
 FUSE = os.environ.get("QRUN_FUSE_NORM", "1") != "0"  # 0: RMSNorm and residual outside the word GEMV (A/B timing)
-# RMSNorm / residual are fused into the canonical-layout word GEMV only up to this many weights (N x K).
-# Measured on the H100 (benchmarks/profile_decode.py, docs/PERF.md): fused, Qwen2-0.5B decodes 13% faster
-# (its GEMVs are launch-bound and two kernels a layer go away), but Qwen2.5-7B's GEMVs got ~2 us slower each,
-# more than the separate norm and add kernels cost (251.6 vs 264.6 tok/s). The il4 GEMV fuses at every size:
-# Qwen2.5-7B 387 -> 405 tok/s, Qwen2-0.5B 1694 -> 1768 (benchmarks/decode.py --runs graph,fuse).
-FUSE_MAX_WEIGHTS = int(os.environ.get("QRUN_FUSE_MAX_WEIGHTS", 12_000_000))
+# RMSNorm / residual are fused into the word GEMVs up to this many weights (N x K), by default always.
+# History (H100, docs/PERF.md): with the canonical layout, fusing made Qwen2.5-7B's layer GEMVs ~2 us slower
+# each (251.6 vs 264.6 tok/s), so it was capped at 12 M weights. Those shapes now take the il4 GEMV, which
+# fuses at no cost (7B 387 -> 405 tok/s fused), and the one large canonical GEMV left in the measured models,
+# Qwen2-0.5B's tied int4 lm_head, gains from it too (1694 -> 1768 tok/s; benchmarks/decode.py --runs
+# graph,fuse). QRUN_FUSE_MAX_WEIGHTS sets a cap again for A/B timing.
+FUSE_MAX_WEIGHTS = int(os.environ.get("QRUN_FUSE_MAX_WEIGHTS", 10**15))
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -95,18 +96,22 @@ def _gemv_candidates(encoding, block_size, nb):
 
 
 def _il4_candidates(nb):
-    """(R4 groups of 4 rows, G blocks per step, LATE, warps = G * 16 threads / 32): few row groups and short
+    """(R4 groups of 4 rows, G blocks per step, NO_PDL, warps = G * 16 threads / 32): few row groups and short
     steps give many programs for short K; long K (down projections) needs more warps per program along K.
-    LATE: under PDL, let the next kernel in after the K loop instead of at the start (gemv_il.py)."""
+    NO_PDL: launched without programmatic dependent launch. Measured on the H100 (kernels.py, PERF.md round
+    4): 7B down (896 programs of 18944 k) takes 31 us with PDL and 23 us without, whatever the config or
+    where the kernel lets its successor in: the early-resident successor programs land unevenly on the SMs
+    and a grid of one long wave is only as fast as its most loaded SM. The tuner, timing back-to-back
+    launches, sees that and picks per shape."""
     out = []
-    for r4, g, late in ((1, 2, 0), (1, 4, 0), (2, 4, 0), (1, 8, 0), (2, 8, 0), (1, 16, 0), (2, 2, 0),
-                        (1, 2, 1), (1, 8, 1), (1, 16, 1)):
+    for r4, g, no_pdl in ((1, 2, 0), (1, 4, 0), (2, 4, 0), (1, 8, 0), (2, 8, 0), (1, 16, 0), (2, 2, 0),
+                          (1, 8, 1), (1, 16, 1)):
         g = min(g, triton_next_pow2(nb))
-        c = dict(R4=r4, G=g, LATE=bool(late), num_warps=max(1, g // 2), num_stages=1)
+        c = dict(R4=r4, G=g, NO_PDL=bool(no_pdl), num_warps=max(1, g // 2), num_stages=1)
         if c not in out:
             out.append(c)
     if INTERPRET:
-        out = [dict(R4=2, G=2, LATE=False, num_warps=1, num_stages=1)]
+        out = [dict(R4=2, G=2, NO_PDL=False, num_warps=1, num_stages=1)]
     return out
 
 
@@ -213,7 +218,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             w32 = qweight.view(torch.int32)
         except RuntimeError:  # a view at an odd byte offset: the byte-wise GEMV below
             pass
-    big = n * k > FUSE_MAX_WEIGHTS and not il  # the il4 GEMV fuses at every size (measured: PERF.md round 4)
+    big = n * k > FUSE_MAX_WEIGHTS
     if (norm_weight is not None or residual is not None) and (w32 is None or not FUSE or big):
         # not fused into the word GEMV: the RMSNorm kernel first, the residual added after
         if norm_weight is not None:
@@ -229,11 +234,13 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
 
         def launch(c, out=y):
+            c = dict(c)
+            kw = {"PDL": False} if c.pop("NO_PDL", False) else pdl
             grid = (triton_cdiv(n_out // 4, c["R4"]),)
             LAST["gemv"] = gemv_il4_kernel[grid](x2, w32, scales, z, b, nw, res, out, n_out, k, nb, eps,
                                                  ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
                                                  SILU=silu, NORM=norm_weight is not None,
-                                                 HAS_RES=residual is not None, INTERPRET=INTERPRET, **pdl, **c)
+                                                 HAS_RES=residual is not None, INTERPRET=INTERPRET, **kw, **c)
         cfg = LAST["gemv_cfg"] = _pick((dev, "gemv_il4") + common, _il4_candidates(nb), launch)
         launch(cfg)
         return y.reshape(*lead, n_out)
