@@ -108,14 +108,14 @@ def gemv_il4_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr,
     N_OUT, K, NB, eps,
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
-    HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr = False,
-    INTERPRET: tl.constexpr = False,
+    HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, DEEP: tl.constexpr = False,
+    PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     """Program p: output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over all of K in steps of G blocks.
     SILU: also the up rows (row group + N_OUT / 4) with the same x, then silu(gate) * up.
     NORM: y = W (nw * x) * rsqrt(mean(x^2) + eps), the sum of x^2 taken on the way (each program reads all
     of x). HAS_RES: y += residual. PDL: the first step's weights are loaded before waiting on the previous
-    kernel (pdl.py)."""
+    kernel (pdl.py). DEEP: three steps of weights in flight instead of two (long K walks with few programs)."""
     ASM: tl.constexpr = not INTERPRET
     WPB: tl.constexpr = B // 8
     N4 = N_OUT // 4
@@ -126,6 +126,11 @@ def gemv_il4_kernel(
     if SILU:
         uoff, usoff = _offsets(rg + N4, N4 * 2, NB, B, G, R4)
         wu, su, zu = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, 0, NB, B, G, ENC)
+    if DEEP:  # the second step too, before waiting
+        w1, s1, z1 = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, G, NB, B, G, ENC)
+        if SILU:
+            wu1, su1, zu1 = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, G, NB, B, G, ENC)
+    AHEAD: tl.constexpr = 2 * G if DEEP else G  # blocks between the step computed and the step loaded
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -136,9 +141,9 @@ def gemv_il4_kernel(
     xoff = (tl.arange(0, G)[:, None, None] * WPB + tl.arange(0, WPB)[None, :, None]) * 8 \
         + tl.arange(0, 8)[None, None, :]                                             # (G, B/8, 8)
     for g0 in range(0, NB, G):
-        w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + G, NB, B, G, ENC)
+        w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + AHEAD, NB, B, G, ENC)
         if SILU:
-            wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + G, NB, B, G, ENC)
+            wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + AHEAD, NB, B, G, ENC)
         kk = g0 * B + xoff
         xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)          # (G, B/8, 8)
         if NORM:
@@ -154,8 +159,16 @@ def gemv_il4_kernel(
                               x2[None, :, :, None], x3[None, :, :, None], x4[None, :, :, None],
                               x5[None, :, :, None], x6[None, :, :, None], x7[None, :, :, None],
                               xs[None, :, :, None], ENC, ASM)
-            wu, su, zu = wu_n, su_n, zu_n
-        w, s, z = w_n, s_n, z_n
+            if DEEP:
+                wu, su, zu = wu1, su1, zu1
+                wu1, su1, zu1 = wu_n, su_n, zu_n
+            else:
+                wu, su, zu = wu_n, su_n, zu_n
+        if DEEP:
+            w, s, z = w1, s1, z1
+            w1, s1, z1 = w_n, s_n, z_n
+        else:
+            w, s, z = w_n, s_n, z_n
     out = tl.sum(tl.sum(acc, axis=2), axis=1)                                         # (R4, 4)
     if NORM:
         rstd = tl.rsqrt(tl.sum(tl.sum(ssq, axis=1), axis=0) / K + eps)

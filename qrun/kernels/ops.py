@@ -33,6 +33,7 @@ FUSE = os.environ.get("QRUN_FUSE_NORM", "1") != "0"  # 0: RMSNorm and residual o
 # Qwen2-0.5B's tied int4 lm_head, gains from it too (1694 -> 1768 tok/s; benchmarks/decode.py --runs
 # graph,fuse). QRUN_FUSE_MAX_WEIGHTS sets a cap again for A/B timing.
 FUSE_MAX_WEIGHTS = int(os.environ.get("QRUN_FUSE_MAX_WEIGHTS", 10**15))
+PDL_MAX_K = int(os.environ.get("QRUN_PDL_MAX_K", 8192))  # the il4 GEMV is launched without PDL from this K on
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -96,22 +97,18 @@ def _gemv_candidates(encoding, block_size, nb):
 
 
 def _il4_candidates(nb):
-    """(R4 groups of 4 rows, G blocks per step, NO_PDL, warps = G * 16 threads / 32): few row groups and short
+    """(R4 groups of 4 rows, G blocks per step, DEEP, warps = G * 16 threads / 32): few row groups and short
     steps give many programs for short K; long K (down projections) needs more warps per program along K.
-    NO_PDL: launched without programmatic dependent launch. Measured on the H100 (kernels.py, PERF.md round
-    4): 7B down (896 programs of 18944 k) takes 31 us with PDL and 23 us without, whatever the config or
-    where the kernel lets its successor in: the early-resident successor programs land unevenly on the SMs
-    and a grid of one long wave is only as fast as its most loaded SM. The tuner, timing back-to-back
-    launches, sees that and picks per shape."""
+    DEEP: three steps of weights in flight per thread instead of two."""
     out = []
-    for r4, g, no_pdl in ((1, 2, 0), (1, 4, 0), (2, 4, 0), (1, 8, 0), (2, 8, 0), (1, 16, 0), (2, 2, 0),
-                          (1, 8, 1), (1, 16, 1)):
+    for r4, g, deep in ((1, 2, 0), (1, 4, 0), (2, 4, 0), (1, 8, 0), (2, 2, 0), (1, 16, 0), (1, 2, 1), (1, 4, 1),
+                        (1, 8, 1), (1, 16, 1)):
         g = min(g, triton_next_pow2(nb))
-        c = dict(R4=r4, G=g, NO_PDL=bool(no_pdl), num_warps=max(1, g // 2), num_stages=1)
+        c = dict(R4=r4, G=g, DEEP=bool(deep), num_warps=max(1, g // 2), num_stages=1)
         if c not in out:
             out.append(c)
     if INTERPRET:
-        out = [dict(R4=2, G=2, NO_PDL=False, num_warps=1, num_stages=1)]
+        out = [dict(R4=2, G=2, DEEP=True, num_warps=1, num_stages=1)]
     return out
 
 
@@ -233,9 +230,15 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         nw = norm_weight if norm_weight is not None else scales
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
 
+        # Long K without PDL. Measured on the H100 (kernels.py, PERF.md round 4): 7B down (K = 18944, 896
+        # programs) took 31 us launched with PDL after another GEMV and 23 us without, whatever the config or
+        # where the kernel let its successor in; 0.5B down (K = 4864) was faster with PDL (5.0 against 6.1 us).
+        # Our reading: the successor's programs become resident early and unevenly across the SMs, and a grid
+        # of one long wave is as slow as its most loaded SM. The tuner cannot see it (it times launches
+        # alone), hence a rule. Not launching with PDL is always safe (pdl.py).
+        kw = {"PDL": False} if k >= PDL_MAX_K else pdl
+
         def launch(c, out=y):
-            c = dict(c)
-            kw = {"PDL": False} if c.pop("NO_PDL", False) else pdl
             grid = (triton_cdiv(n_out // 4, c["R4"]),)
             LAST["gemv"] = gemv_il4_kernel[grid](x2, w32, scales, z, b, nw, res, out, n_out, k, nb, eps,
                                                  ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
