@@ -1,9 +1,11 @@
-"""One M = 1 call of our word GEMV and of torch's int4 kernel on a 7B shape, for Nsight Compute:
+"""One M = 1 call of our int4 GEMV (il4 layout, as the loader gives it) and of torch's int4 kernel on a 7B shape,
+for Nsight Compute:
 
     ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-        -k regex:gemv_int4 -s 3 -c 1 python3 benchmarks/profile_gemv.py [--shape gate_up|qkv|down]
+        -k regex:gemv_il4 -s 3 -c 1 python3 benchmarks/profile_gemv.py [--shape gate_up|qkv|down|o] \
+        [--config R4xGxDEEPxWARPS]
 
-Three warm-up calls of each (the first one tunes our launch config), then one more of each.
+The launch config is pinned (default 1x8x1x4), so no tuning launch is profiled. Four calls of each.
 """
 from __future__ import annotations
 
@@ -15,28 +17,34 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import qrun.kernels.ops as ops  # noqa: E402
 from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
+from qrun.kernels.layout import interleave4  # noqa: E402
 from qrun.quant import quantize  # noqa: E402
 
-SHAPES = {"gate_up": (3584, 37888, True), "qkv": (3584, 4608, False), "down": (18944, 3584, False)}
+SHAPES = {"gate_up": (3584, 37888, True), "qkv": (3584, 4608, False), "down": (18944, 3584, False),
+          "o": (3584, 3584, False)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="gate_up", choices=sorted(SHAPES))
+    ap.add_argument("--config", default="1x8x1x4", help="R4 x G x DEEP x warps of the il4 GEMV")
     a = ap.parse_args()
+    r4, g, deep, warps = map(int, a.config.split("x"))
+    ops._il4_candidates = lambda nb: [dict(R4=r4, G=g, DEEP=bool(deep), num_warps=warps, num_stages=1)]
     k, n, silu = SHAPES[a.shape]
     qt = quantize(torch.randn(n, k, device="cuda"), "int4_sym", 128)
-    qw, sc = qt.parts["qweight"], qt.parts["scales"]
+    qw, sc, _ = interleave4(qt.parts["qweight"], qt.parts["scales"], None)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     packed = torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8,
                                                              device="cuda"), 8)
     sz = (torch.rand(k // 128, n, 2, device="cuda") * 0.01).to(torch.bfloat16)
     for _ in range(4):
         if silu:
-            quant_linear_silu_mul(x, qw, sc, None, encoding="int4_sym", block_size=128, in_features=k)
+            quant_linear_silu_mul(x, qw, sc, None, encoding="int4_sym", block_size=128, in_features=k, layout="il4")
         else:
-            quant_linear(x, qw, sc, None, None, encoding="int4_sym", block_size=128, in_features=k)
+            quant_linear(x, qw, sc, None, None, encoding="int4_sym", block_size=128, in_features=k, layout="il4")
         torch._weight_int4pack_mm(x, packed, 128, sz)
     torch.cuda.synchronize()
 

@@ -210,3 +210,29 @@ def test_il4_layout_every_config(enc, k, n):
         _poison((m, n), torch.bfloat16)
         y = quant_linear(xm, *il, None, encoding=enc, block_size=128, in_features=k, layout="il4")
         _check(y, xm.double() @ w.T)
+
+
+@pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
+def test_chain_tuner_picks_a_candidate_and_leaves_results_right(enc):
+    # The tuner times the GEMV configs in a CUDA graph over scrambled weight copies; it must not touch the
+    # real weights, must cache one of the candidates, and the call must still be right.
+    import qrun.kernels.ops as ops
+    from qrun.kernels.layout import interleave4
+    k, n = 3584, 4608
+    torch.manual_seed(5)
+    parts = _weight(n, k, enc, 128)
+    il = interleave4(*parts)
+    before = [t.clone() for t in il if t is not None]
+    w = dequantize_parts(enc, parts_of(*parts), (n, k), 128, dtype=torch.bfloat16).double()
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    ops._tuned.clear()
+    ops.TUNE = True
+    try:
+        _poison((1, n), torch.bfloat16)
+        y = quant_linear(x, *il, None, encoding=enc, block_size=128, in_features=k, layout="il4")
+    finally:
+        ops.TUNE = False
+    _check(y, x.double() @ w.T)
+    assert ops.LAST["gemv_cfg"] in ops._il4_candidates(-(-k // 128))
+    assert any(key[1] == "gemv_il4" for key in ops._tuned)
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for t in il if t is not None]))

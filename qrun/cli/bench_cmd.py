@@ -28,7 +28,8 @@ def cmd_bench(a) -> int:
     print(f"bandwidth    {r['achieved_gbps']:.0f} GB/s{pct}; "
           f"{r['bytes_per_token']['total'] / 1e6:.1f} MB read per decode step")
     if r["peak_gpu_bytes"]:
-        print(f"peak memory  {r['peak_gpu_bytes'] / 2**30:.2f} GiB")
+        print(f"peak memory  {r['peak_gpu_bytes'] / 2**30:.2f} GiB (warm-up, with the tuner's weight copies: "
+              f"{r.get('peak_gpu_bytes_warmup', 0) / 2**30:.2f} GiB)")
     if "hf" in r:
         print(f"transformers {r['hf']['decode_tok_s']:.1f} tok/s decode ({r['hf']['dtype']}); qrun is "
               f"{r['speedup_vs_hf']:.2f}x")

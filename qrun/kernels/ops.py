@@ -67,6 +67,69 @@ def _pick(key: tuple, candidates: list[dict], launch) -> dict:
     return best
 
 
+CHAIN_BYTES = 160e6  # weight bytes a chain-timed tuning graph walks through: > 3x the H100's 50 MB L2
+
+
+def _scrambled(t):
+    """A tensor like t (shape, dtype, device) holding random bytes: weight copies for timing only."""
+    if t.dtype.is_floating_point:
+        return torch.rand_like(t, dtype=torch.float32).mul_(0.02).to(t.dtype)
+    return torch.randint(0, 16, t.shape, dtype=t.dtype, device=t.device) if t.dtype == torch.uint8 else \
+        torch.randint(-2**31, 2**31 - 1, t.shape, dtype=t.dtype, device=t.device)
+
+
+def _pick_chain(key: tuple, candidates: list[dict], launch, parts: tuple) -> dict:
+    """The fastest of `candidates` timed the way the decode step runs a GEMV: one CUDA graph of back-to-back
+    launches (with their PDL edges), each on its own copy of the weight parts (random bytes; enough copies
+    that L2 cannot serve them). launch(cfg, w, s, z) launches on the given parts.
+    Why not do_bench: it times each launch alone behind an L2 flush, and on the H100 its picks were up to
+    25% slower in a graph chain than the chain's best config (PERF.md round 4, attempt 18), which made decode
+    speed vary between processes. Falls back to do_bench if the copies do not fit in memory."""
+    cfg = _tuned.get(key)
+    if cfg is not None:
+        return cfg
+    if not TUNE or INTERPRET or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    nbytes = sum(t.numel() * t.element_size() for t in parts)
+    try:
+        copies = [parts] + [tuple(_scrambled(t) for t in parts)
+                            for _ in range(max(1, min(15, int(CHAIN_BYTES // max(nbytes, 1)))))]
+    except torch.cuda.OutOfMemoryError:
+        return _pick(key, candidates, lambda c: launch(c, *parts))
+    import statistics
+    best, best_t = candidates[0], float("inf")
+    stream = torch.cuda.Stream()
+    for c in candidates:
+        try:
+            for p in copies[:2]:  # compile and warm up outside the capture
+                launch(c, *p)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.graph(g, stream=stream):
+                for _ in range(2):
+                    for p in copies:
+                        launch(c, *p)
+            times = []
+            for _ in range(7):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                g.replay()
+                e1.record()
+                e1.synchronize()
+                times.append(e0.elapsed_time(e1))
+            t = statistics.median(times[1:])
+            del g
+        except Exception:  # a config the compiler rejects is skipped
+            torch.cuda.synchronize()
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    del copies
+    _tuned[key] = best
+    return best
+
+
 def _check(x, qweight, scales, zeros, encoding, block_size, in_features):
     n, nb = scales.shape
     kp = nb * block_size
@@ -238,34 +301,40 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         # alone), hence a rule. Not launching with PDL is always safe (pdl.py).
         kw = {"PDL": False} if k >= PDL_MAX_K else pdl
 
-        def launch(c, out=y):
+        def launch(c, w, s, zz, out=y):
             grid = (triton_cdiv(n_out // 4, c["R4"]),)
-            LAST["gemv"] = gemv_il4_kernel[grid](x2, w32, scales, z, b, nw, res, out, n_out, k, nb, eps,
+            LAST["gemv"] = gemv_il4_kernel[grid](x2, w, s, zz, b, nw, res, out, n_out, k, nb, eps,
                                                  ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
                                                  SILU=silu, NORM=norm_weight is not None,
                                                  HAS_RES=residual is not None, INTERPRET=INTERPRET, **kw, **c)
-        cfg = LAST["gemv_cfg"] = _pick((dev, "gemv_il4") + common, _il4_candidates(nb), launch)
-        launch(cfg)
+        parts = (w32, scales, z) if zeros is not None else (w32, scales)
+        cfg = LAST["gemv_cfg"] = _pick_chain((dev, "gemv_il4") + common, _il4_candidates(nb),
+                                             lambda c, w, s, zz=None: launch(c, w, s, s if zz is None else zz),
+                                             parts)
+        launch(cfg, w32, scales, z)
         return y.reshape(*lead, n_out)
     if w32 is not None:
         pdl = pdl_kwargs(x2)
         nw = norm_weight if norm_weight is not None else scales
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
 
-        def launch(c, out=y):
+        def launch(c, w, s, zz, out=y):
             c = dict(c)
             per_sm = c.pop("PER_SM", 0)  # > 0: a persistent grid of per_sm programs per SM
             grid = triton_cdiv(n_out, c["BLOCK_N"])
             if per_sm:
                 grid = min(grid, per_sm * _sm_count(x2.device))
-            LAST["gemv"] = gemv_int4_kernel[(grid,)](x2, w32, scales, z, b, nw, res, out, n_out, k, nb,
-                                                     w32.stride(0), scales.stride(0), z.stride(0), eps,
+            LAST["gemv"] = gemv_int4_kernel[(grid,)](x2, w, s, zz, b, nw, res, out, n_out, k, nb,
+                                                     w.stride(0), s.stride(0), zz.stride(0), eps,
                                                      ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
                                                      SILU=silu, NORM=norm_weight is not None,
                                                      HAS_RES=residual is not None, PERSIST=per_sm > 0,
                                                      INTERPRET=INTERPRET, **pdl, **c)
-        cfg = LAST["gemv_cfg"] = _pick((dev, "gemv4") + common, _gemv4_candidates(block_size, nb), launch)
-        launch(cfg)
+        parts = (w32, scales, z) if zeros is not None else (w32, scales)
+        cfg = LAST["gemv_cfg"] = _pick_chain((dev, "gemv4") + common, _gemv4_candidates(block_size, nb),
+                                             lambda c, w, s, zz=None: launch(c, w, s, s if zz is None else zz),
+                                             parts)
+        launch(cfg, w32, scales, z)
         return y.reshape(*lead, n_out)
 
     if m == 1:
