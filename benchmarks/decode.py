@@ -25,7 +25,7 @@ def qrun(*args: str, timeout: float = 300, env: dict | None = None) -> subproces
 
 
 ENVS = {"nopdl": {"QRUN_PDL": "0"}, "cap12m": {"QRUN_FUSE_MAX_WEIGHTS": "12000000"},
-        "nofuse": {"QRUN_FUSE_NORM": "0"}, "rows": {"QRUN_LAYOUT": "rows"}}
+        "nofuse": {"QRUN_FUSE_NORM": "0"}, "rows": {"QRUN_LAYOUT": "rows"}, "attn64": {"QRUN_ATTN_SLICE": "64"}}
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
-                    "graph,nopdl (graph without programmatic dependent launch),cap12m (RMSNorm/residual fused only into GEMVs of <= 12 M weights, the old default),nofuse (never fused),rows (canonical int4 layout, not il4),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
+                    "graph,nopdl (graph without programmatic dependent launch),cap12m (RMSNorm/residual fused only into GEMVs of <= 12 M weights, the old default),nofuse (never fused),rows (canonical int4 layout, not il4),attn64 (attention slices of 64 cache positions),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -53,6 +53,7 @@ def main() -> None:
                 ("cap12m", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # norms fused up to 12 M weights
                 ("nofuse", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # norms never fused
                 ("rows", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # canonical int4 layout
+                ("attn64", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # 64 positions per slice
                 ("sync", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--no-run-ahead"]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
                 ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),

@@ -100,11 +100,14 @@ def combine_kernel(m_ptr, l_ptr, o_ptr, y_ptr, HD: tl.constexpr, NSPLIT: tl.cons
     tl.store(y_ptr + bh * HD + d, y.to(y_ptr.dtype.element_ty))
 
 
+SLICE = int(os.environ.get("QRUN_ATTN_SLICE", 128))  # cache positions per slice (A/B timing)
+
+
 def n_splits(max_seq: int) -> int:
-    """Slices of the cache: one per 128 positions (two 64-position iterations each), up to 64. Few KV heads
-    (2 in Qwen2-0.5B) give few programs, and one program walking the cache serially costs ~1.5 us of
+    """Slices of the cache: one per SLICE = 128 positions (two 64-position iterations each), up to 64. Few KV
+    heads (2 in Qwen2-0.5B) give few programs, and one program walking the cache serially costs ~1.5 us of
     latency per 64 positions; slices past the token's position exit at once."""
-    return max(1, min(64, triton.next_power_of_2(triton.cdiv(max_seq, 128))))
+    return max(1, min(64, triton.next_power_of_2(triton.cdiv(max_seq, SLICE))))
 
 
 @torch.library.custom_op("qrun::decode_attention", mutates_args=())
