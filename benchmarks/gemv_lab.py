@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -30,7 +29,9 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qrun.kernels.gemv4 import _dot_words, _nibbles, _split8, _step, gemv_int4_kernel  # noqa: E402
+from kernels import copy_bandwidth, ms_graph as graph_ms  # noqa: E402  (benchmarks/kernels.py)
+from qrun.kernels.gemv4 import _nibbles, _split8, _step, gemv_int4_kernel  # noqa: E402
+from qrun.kernels.gemv_il import _dot_words  # noqa: E402
 
 SHAPES = {"gate_up": (3584, 37888), "down": (18944, 3584), "qkv": (3584, 4608), "o": (3584, 3584),
           "lm_head": (3584, 152064), "gate_up_05": (896, 9728), "down_05": (4864, 896)}
@@ -153,36 +154,6 @@ def tile(w32, block_n, g):
     p = torch.zeros((n_rb * block_n, steps * g * wpb), dtype=w32.dtype, device=w32.device)
     p[:n, :kw] = w32
     return p.view(n_rb, block_n, steps, g * wpb).permute(0, 2, 1, 3).contiguous().view(-1)
-
-
-def graph_ms(fns, replays=15):
-    for f in fns[:2]:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / len(fns))
-    return statistics.median(ts)
-
-
-def copy_bandwidth():
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (graph_ms([lambda: dst.copy_(src)]) * 1e-3)
 
 
 def main():
