@@ -44,7 +44,7 @@ def compile_il4(r4, g, warps, silu=False, norm=False, res=False, pdl=False, enc=
     sig = {n: t for n, t in zip(
         ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr", "N_OUT", "K", "NB", "eps"),
         ("*bf16", "*i32", "*fp16", "*fp16", "*fp16", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "fp32"))}
-    const = dict(ENC=enc, B=128, HAS_BIAS=False, SILU=silu, NORM=norm, HAS_RES=res, R4=r4, G=g, PDL=pdl,
+    const = dict(ENC=enc, B=128, HAS_BIAS=False, SILU=silu, NORM=norm, HAS_RES=res, R4=r4, G=g, DEEP=False, PDL=pdl,
                  INTERPRET=False)
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)}

@@ -47,13 +47,22 @@ def _code_table(device: torch.device) -> torch.Tensor:
     return t
 
 
-def _pick(key: tuple, candidates: list[dict], launch) -> dict:
-    """The fastest of `candidates` for `key` (timed once), launching each through launch(cfg)."""
+def _untimed(key: tuple, candidates: list[dict]) -> dict | None:
+    """The config to use without timing: the cached pick, or the first candidate where timing is off or
+    impossible (graph capture, the interpreter, a single candidate); None when the candidates must be timed."""
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
     if not TUNE or INTERPRET or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
         return candidates[0]
+    return None
+
+
+def _pick(key: tuple, candidates: list[dict], launch) -> dict:
+    """The fastest of `candidates` for `key` (timed once), launching each through launch(cfg)."""
+    cfg = _untimed(key, candidates)
+    if cfg is not None:
+        return cfg
     from triton.testing import do_bench
     best, best_t = candidates[0], float("inf")
     for c in candidates:
@@ -85,11 +94,9 @@ def _pick_chain(key: tuple, candidates: list[dict], launch, parts: tuple) -> dic
     Why not do_bench: it times each launch alone behind an L2 flush, and on the H100 its picks were up to
     25% slower in a graph chain than the chain's best config (PERF.md round 4, attempt 18), which made decode
     speed vary between processes. Falls back to do_bench if the copies do not fit in memory."""
-    cfg = _tuned.get(key)
+    cfg = _untimed(key, candidates)
     if cfg is not None:
         return cfg
-    if not TUNE or INTERPRET or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
-        return candidates[0]
     nbytes = sum(t.numel() * t.element_size() for t in parts)
     try:
         copies = [parts] + [tuple(_scrambled(t) for t in parts)
@@ -288,52 +295,38 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         if residual is not None:
             y = residual.reshape(m, n_out) + y  # the residual stream's own rounding
         return y.reshape(*lead, n_out)
-    if w32 is not None and il:
-        pdl = pdl_kwargs(x2)
-        nw = norm_weight if norm_weight is not None else scales
-        res = residual.reshape(n_out).contiguous() if residual is not None else scales
-
-        # Long K without PDL. Measured on the H100 (kernels.py, PERF.md round 4): 7B down (K = 18944, 896
-        # programs) took 31 us launched with PDL after another GEMV and 23 us without, whatever the config or
-        # where the kernel let its successor in; 0.5B down (K = 4864) was faster with PDL (5.0 against 6.1 us).
-        # Our reading: the successor's programs become resident early and unevenly across the SMs, and a grid
-        # of one long wave is as slow as its most loaded SM. The tuner cannot see it (it times launches
-        # alone), hence a rule. Not launching with PDL is always safe (pdl.py).
-        kw = {"PDL": False} if k >= PDL_MAX_K else pdl
-
-        def launch(c, w, s, zz, out=y):
-            grid = (triton_cdiv(n_out // 4, c["R4"]),)
-            LAST["gemv"] = gemv_il4_kernel[grid](x2, w, s, zz, b, nw, res, out, n_out, k, nb, eps,
-                                                 ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
-                                                 SILU=silu, NORM=norm_weight is not None,
-                                                 HAS_RES=residual is not None, INTERPRET=INTERPRET, **kw, **c)
-        parts = (w32, scales, z) if zeros is not None else (w32, scales)
-        cfg = LAST["gemv_cfg"] = _pick_chain((dev, "gemv_il4") + common, _il4_candidates(nb),
-                                             lambda c, w, s, zz=None: launch(c, w, s, s if zz is None else zz),
-                                             parts)
-        launch(cfg, w32, scales, z)
-        return y.reshape(*lead, n_out)
     if w32 is not None:
         pdl = pdl_kwargs(x2)
         nw = norm_weight if norm_weight is not None else scales
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
+        flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu,
+                     NORM=norm_weight is not None, HAS_RES=residual is not None, INTERPRET=INTERPRET)
+        if il:
+            # Long K without PDL. Measured on the H100 (kernels.py, PERF.md round 4): 7B down (K = 18944, 896
+            # programs) took 31 us launched with PDL after another GEMV and 23 us without, whatever the config
+            # or where the kernel let its successor in; 0.5B down (K = 4864) was faster with PDL (5.0 against
+            # 6.1 us). Our reading: the successor's programs become resident early and unevenly across the
+            # SMs, and a grid of one long wave is as slow as its most loaded SM. The tuner cannot see it (it
+            # times each config in a chain of itself), hence a rule. Not launching with PDL is always safe.
+            kw = {"PDL": False} if k >= PDL_MAX_K else pdl
 
-        def launch(c, w, s, zz, out=y):
-            c = dict(c)
-            per_sm = c.pop("PER_SM", 0)  # > 0: a persistent grid of per_sm programs per SM
-            grid = triton_cdiv(n_out, c["BLOCK_N"])
-            if per_sm:
-                grid = min(grid, per_sm * _sm_count(x2.device))
-            LAST["gemv"] = gemv_int4_kernel[(grid,)](x2, w, s, zz, b, nw, res, out, n_out, k, nb,
-                                                     w.stride(0), s.stride(0), zz.stride(0), eps,
-                                                     ENC=encoding, B=block_size, HAS_BIAS=bias is not None,
-                                                     SILU=silu, NORM=norm_weight is not None,
-                                                     HAS_RES=residual is not None, PERSIST=per_sm > 0,
-                                                     INTERPRET=INTERPRET, **pdl, **c)
-        parts = (w32, scales, z) if zeros is not None else (w32, scales)
-        cfg = LAST["gemv_cfg"] = _pick_chain((dev, "gemv4") + common, _gemv4_candidates(block_size, nb),
-                                             lambda c, w, s, zz=None: launch(c, w, s, s if zz is None else zz),
-                                             parts)
+            def launch(c, w, s, zz, out=y):
+                grid = (triton_cdiv(n_out // 4, c["R4"]),)
+                LAST["gemv"] = gemv_il4_kernel[grid](x2, w, s, zz, b, nw, res, out, n_out, k, nb, eps,
+                                                     **flags, **kw, **c)
+            kind, cands = "gemv_il4", _il4_candidates(nb)
+        else:
+            def launch(c, w, s, zz, out=y):
+                c = dict(c)
+                per_sm = c.pop("PER_SM", 0)  # > 0: a persistent grid of per_sm programs per SM
+                grid = triton_cdiv(n_out, c["BLOCK_N"])
+                if per_sm:
+                    grid = min(grid, per_sm * _sm_count(x2.device))
+                LAST["gemv"] = gemv_int4_kernel[(grid,)](x2, w, s, zz, b, nw, res, out, n_out, k, nb,
+                                                         w.stride(0), s.stride(0), zz.stride(0), eps,
+                                                         PERSIST=per_sm > 0, **flags, **pdl, **c)
+            kind, cands = "gemv4", _gemv4_candidates(block_size, nb)
+        cfg = LAST["gemv_cfg"] = _pick_chain((dev, kind) + common, cands, launch, (w32, scales, z))
         launch(cfg, w32, scales, z)
         return y.reshape(*lead, n_out)
 
