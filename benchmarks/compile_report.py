@@ -1,7 +1,7 @@
 """Registers, spills and SASS size of the word GEMV for sm_90, compiled ahead of time on this machine (no GPU
 needed: triton's bundled ptxas and cuobjdump). Leads only: the device may run another triton version.
 
-    python3 benchmarks/compile_report.py [--configs 4x8x1,8x8x1] [--silu] [--norm] [--sass]
+    python3 benchmarks/compile_report.py [--configs 4x8x1,8x8x1] [--silu] [--norm] [--sass] [--il4 | --tc16]
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qrun.kernels.gemv4 import gemv_int4_kernel  # noqa: E402
 from qrun.kernels.gemv_il import gemv_il4_kernel  # noqa: E402
+from qrun.kernels.gemv_tc import gemv_tc16_kernel  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -52,6 +53,18 @@ def compile_il4(r4, g, warps, silu=False, norm=False, res=False, pdl=False, enc=
                           options=dict(num_warps=warps, num_stages=1))
 
 
+def compile_tc16(warps, deep, silu=False, res=False, pdl=False, enc="int4_sym"):
+    sig = {n: t for n, t in zip(
+        ("x32_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "res_ptr", "y_ptr", "N_OUT", "K", "NB", "NQ"),
+        ("*i32", "*i32", "*fp16", "*fp16", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32"))}
+    const = dict(ENC=enc, B=128, HAS_BIAS=False, SILU=silu, HAS_RES=res, F16=False, KFULL=True, WARPS=warps, DEEP=deep, CG=False,
+                 PDL=pdl, INTERPRET=False)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)}
+    return triton.compile(ASTSource(gemv_tc16_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=1))
+
+
 def report(k):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -73,11 +86,15 @@ def main():
     ap.add_argument("--norm", action="store_true")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--il4", action="store_true", help="the il4 kernel; configs are R4 x G x warps")
+    ap.add_argument("--tc16", action="store_true", help="the tc16 kernel; configs are warps x deep x 0")
     a = ap.parse_args()
     for cfg in a.configs.split(","):
         bn, g, w = map(int, cfg.split("x"))
-        build = compile_il4 if a.il4 else compile_gemv
-        regs, local, ops, sass = report(build(bn, g, w, silu=a.silu, norm=a.norm, res=a.norm))
+        if a.tc16:
+            k = compile_tc16(bn, bool(g), silu=a.silu, res=a.norm)
+        else:
+            k = (compile_il4 if a.il4 else compile_gemv)(bn, g, w, silu=a.silu, norm=a.norm, res=a.norm)
+        regs, local, ops, sass = report(k)
         hist = {}
         for o in ops:
             o = o.split(".")[0]

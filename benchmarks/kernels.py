@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qrun.kernels.ops as ops  # noqa: E402
 import qrun.kernels.pdl as pdl  # noqa: E402
 from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
-from qrun.kernels.layout import interleave4  # noqa: E402
+from qrun.kernels.layout import to_layout  # noqa: E402
 from qrun.kernels.reference import parts_of  # noqa: E402
 from qrun.quant import dequantize_parts, quantize  # noqa: E402
 
@@ -43,7 +43,17 @@ MS = [1, 2, 4, 8, 16, 64, 256, 1024]
 ENC, BLOCK = "int4_sym", 128
 SWEEP = ("0.5B qkv", "0.5B o", "0.5B gate+up", "0.5B down", "7B qkv", "7B o", "7B gate+up", "7B down", "7B lm_head")
 ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2
-LAYOUT = ["il4"]  # weight layout of ours (--layout): "il4" is what the loader gives int4 weights on CUDA
+CHOICE = ["auto"]  # --layout
+LAYOUT = ["il4"]  # weight layout of ours for the current shape (set from --layout by layout_for)
+
+
+def layout_for(choice, name, n):
+    """--layout auto: what the loader gives int4 weights on CUDA, "tc16" for o and down (no norm in front) with
+    a 16-row tile per SM at least (the 7B shapes), "il4" for the rest."""
+    if choice != "auto":
+        return choice
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return "tc16" if name.endswith((" o", " down")) and n // 16 >= sms else "il4"
 
 
 @triton.jit
@@ -129,8 +139,7 @@ def make_ours(k, n, silu, m, nc):
             sc = (torch.rand(sc0.shape, device="cuda") * 0.02 + 1e-3).half()
         if i == 0:
             qw0, sc0 = qw, sc
-        if LAYOUT[0] == "il4":
-            qw, sc, _ = interleave4(qw, sc, None)
+        qw, sc, _ = to_layout(LAYOUT[0], qw, sc, None)
         sets.append((torch.randn(m, k, device="cuda", dtype=torch.bfloat16), qw, sc))
     op = quant_linear_silu_mul if silu else (lambda x, q, s, z, **kw: quant_linear(x, q, s, z, None, **kw))
     fns = [(lambda x=x, q=q, s=s: op(x, q, s, None, encoding=ENC, block_size=BLOCK, in_features=k,
@@ -145,8 +154,7 @@ def check(k, n, silu):
     qt = quantize(torch.randn(n, k, device="cuda"), ENC, BLOCK)
     p = (qt.parts["qweight"], qt.parts["scales"], None)
     w = dequantize_parts(ENC, parts_of(*p), (n, k), BLOCK, dtype=torch.bfloat16).double()
-    if LAYOUT[0] == "il4":
-        p = interleave4(*p)
+    p = to_layout(LAYOUT[0], *p)
     for m in (1, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         torch.full((m, n // 2 if silu else n), float("nan"), device="cuda", dtype=torch.bfloat16)  # poison
@@ -202,7 +210,7 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
             print(f"  int4pack failed at {name} M={m}: {e}".splitlines()[0])
             t_i4 = None
         gbs = nbytes / (t_ours * 1e-3) / 1e9
-        rows.append(dict(shape=name, K=k, N=n, M=m, ours_us=t_ours * 1e3, ours_eager_us=None if t_eager is None
+        rows.append(dict(shape=name, layout=LAYOUT[0], K=k, N=n, M=m, ours_us=t_ours * 1e3, ours_eager_us=None if t_eager is None
                          else t_eager * 1e3, bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / copy_bw,
                          nopdl_us=None if t_nopdl is None else t_nopdl * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
                          int4pack_us=None if t_i4 is None else t_i4 * 1e3,
@@ -221,15 +229,17 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
 def sweep_gemv4(shapes):
     """M = 1: time every word-GEMV candidate config on each shape (graph, rotated copies); -> printable lines."""
     lines = []
-    attr = "_il4_candidates" if LAYOUT[0] == "il4" else "_gemv4_candidates"
-    orig = getattr(ops, attr)
     for name, k, n, silu in shapes:
         if name not in SWEEP:
             continue
+        LAYOUT[0] = layout_for(CHOICE[0], name, n)
+        attr = {"il4": "_il4_candidates", "tc16": "_tc16_candidates", "rows": "_gemv4_candidates"}[LAYOUT[0]]
+        orig = getattr(ops, attr)
         nb = -(-k // BLOCK)
         res = []
-        for cfg in (orig(nb) if LAYOUT[0] == "il4" else orig(BLOCK, nb)):
-            setattr(ops, attr, lambda *a, c=cfg: [c])
+        for cfg in {"il4": lambda: orig(nb), "tc16": lambda: orig(every=True),
+                    "rows": lambda: orig(BLOCK, nb)}[LAYOUT[0]]():
+            setattr(ops, attr, lambda *a, c=cfg, **kw: [c])
             # the launcher's cache would hand back the config tuned by the correctness check (until round 4
             # it did, and every config of the sweep timed the same kernel: PERF.md)
             ops._tuned.clear()
@@ -258,20 +268,22 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
     ap.add_argument("--quick", action="store_true", help="M = 1 and 1024 only (saves device time)")
     ap.add_argument("--sweep", action="store_true", help="first time every word-GEMV config at M = 1")
-    ap.add_argument("--layout", default="il4", choices=("il4", "rows"), help="weight layout of ours")
+    ap.add_argument("--layout", default="auto", choices=("auto", "il4", "tc16", "rows"),
+                    help="weight layout of ours (auto: the loader's choice, tc16 for o and down, il4 for the rest)")
     args = ap.parse_args()
-    LAYOUT[0] = args.layout
+    CHOICE[0] = args.layout
     ms = [1, 1024] if args.quick else [int(v) for v in args.m.split(",")]
     shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes.split(","))]
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                triton=triton.__version__, encoding=ENC, block_size=BLOCK, layout=LAYOUT[0])
+                triton=triton.__version__, encoding=ENC, block_size=BLOCK, layout=args.layout)
     print(meta, flush=True)
 
     print("correctness (M = 1, 64; float64 reference):", flush=True)
     for name, k, n, silu in shapes:
-        print(f"  {name:14s} max rel err {check(k, n, silu):.2e}", flush=True)
+        LAYOUT[0] = layout_for(args.layout, name, n)
+        print(f"  {name:14s} {LAYOUT[0]:5s} max rel err {check(k, n, silu):.2e}", flush=True)
 
     copy_bw = copy_bandwidth()
     dummy = torch.empty(1, device="cuda")
@@ -285,6 +297,7 @@ def main():
 
     rows = []
     for name, k, n, silu in shapes:
+        LAYOUT[0] = layout_for(args.layout, name, n)
         bench_shape(name, k, n, silu, ms, rows, copy_bw)
 
     out = args.json or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None)
@@ -293,7 +306,7 @@ def main():
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
     print(f"\n{meta['device']}, copy {copy_bw / 1e9:.0f} GB/s, empty launch {empty_graph:.2f} us (graph) / "
-          f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16 layout {LAYOUT[0]}, times per call inside a "
+          f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16 layout {args.layout}, times per call inside a "
           "CUDA graph")
     print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'noPDL':>7s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
           f"{'cuBLAS':>8s} {'x':>5s} {'int4pk':>8s} {'x':>5s} {'TFLOP/s':>7s}")

@@ -60,6 +60,27 @@ def cases():
                                       silu=True, layout="il4")))
     out.append(("il4-fp16-gemv", dict(enc="int4_sym", b=128, m=1, n=24, k=300, dtype="float16", bias=True,
                                       silu=False, layout="il4")))
+    # the "tc16" layout (16-row tiles for the tensor-core GEMV, made by to_tc16): its GEMV at M = 1 (the
+    # interpreter runs the tensor-op twin of the mma asm), the GEMM's addressing at M > 1, the GEMM at M = 1 for
+    # float32 x; K = 200 / 300: a K < Kp tail and a partial last step of the warps (2 warps, 64 k each)
+    for enc in ("int4_sym", "int4_asym"):
+        for b in (64, 128, 256):
+            for m in (1, 3):
+                out.append((f"tc16-{enc}-B{b}-M{m}", dict(enc=enc, b=b, m=m, n=48, k=200, dtype="bfloat16",
+                                                           bias=(b == 64), silu=False, layout="tc16")))
+    out.append(("tc16-res-gemv", dict(enc="int4_asym", b=64, m=1, n=32, k=300, dtype="bfloat16", bias=True,
+                                      silu=False, res=True, layout="tc16")))
+    out.append(("tc16-norm-res-gemv", dict(enc="int4_sym", b=128, m=1, n=32, k=200, dtype="bfloat16", bias=False,
+                                           silu=False, norm=True, res=True, layout="tc16")))
+    out.append(("tc16-silu-gemv", dict(enc="int4_sym", b=64, m=1, n=2 * 32, k=150, dtype="bfloat16", bias=False,
+                                       silu=True, layout="tc16")))
+    out.append(("tc16-silu-gemm", dict(enc="int4_asym", b=64, m=3, n=2 * 16, k=150, dtype="bfloat16", bias=False,
+                                       silu=True, layout="tc16")))
+    for enc in ("int4_sym", "int4_asym"):
+        out.append((f"tc16-fp16-{enc}-gemv", dict(enc=enc, b=128, m=1, n=16, k=300, dtype="float16", bias=True,
+                                                  silu=False, layout="tc16")))
+    out.append(("tc16-fp32-gemv", dict(enc="int4_sym", b=64, m=1, n=16, k=128, dtype="float32", bias=False,
+                                       silu=False, res=True, layout="tc16")))
     return out
 
 
@@ -68,7 +89,7 @@ def cases():
 def _run_cases() -> dict:
     import torch
 
-    from qrun.kernels.layout import interleave4
+    from qrun.kernels.layout import to_layout
     from qrun.kernels.ops import quant_linear_silu_mul_triton, quant_linear_triton
     from qrun.kernels.reference import parts_of
     from qrun.quant import dequantize_parts, quantize
@@ -88,8 +109,7 @@ def _run_cases() -> dict:
         w = dequantize_parts(c["enc"], parts_of(*args), (c["n"], c["k"]), c["b"], dtype=dtype).double()
         nw = torch.rand(c["k"]).add(0.5).to(dtype) if c.get("norm") else None
         layout = c.get("layout", "rows")
-        if layout == "il4":  # the oracle above read the canonical parts
-            args = interleave4(*args)
+        args = to_layout(layout, *args)  # the oracle above read the canonical parts
         xd = x.double()
         if nw is not None:
             xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
@@ -165,6 +185,12 @@ def test_bad_shapes_are_refused():
         quant_linear_triton(torch.randn(1, 64), p["qweight"], p["scales"], None, None, "int8_sym", 32, 64)
     with pytest.raises(ValueError, match="zeros"):
         quant_linear_triton(torch.randn(1, 64), p["qweight"], p["scales"], None, None, "int4_asym", 32, 64)
+    with pytest.raises(ValueError, match="tc16"):  # 7 rows are not a 16-row tile; block 32 is under a quad
+        quant_linear_triton(torch.randn(1, 64), p["qweight"], p["scales"], None, None, "int4_sym", 32, 64,
+                            layout="tc16")
+    with pytest.raises(ValueError, match="layout"):
+        quant_linear_triton(torch.randn(1, 64), p["qweight"], p["scales"], None, None, "int4_sym", 32, 64,
+                            layout="tiles")
 
 
 if __name__ == "__main__":

@@ -236,3 +236,64 @@ def test_chain_tuner_picks_a_candidate_and_leaves_results_right(enc):
     assert ops.LAST["gemv_cfg"] in ops._il4_candidates(-(-k // 128))
     assert any(key[1] == "gemv_il4" for key in ops._tuned)
     assert all(torch.equal(a, b) for a, b in zip(before, [t for t in il if t is not None]))
+
+
+@pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
+@pytest.mark.parametrize("k,n", [(896, 896), (4864, 896), (3584, 3584), (18944, 3584), (3584, 4608),
+                                 (896, 9728)])
+def test_tc16_layout_every_config(enc, k, n):
+    # The tensor-core GEMV (its mma fragments rely on the lane each element of a 1-D tensor lands in, which
+    # only the GPU shows): every candidate config, with bias and residual, after the RMSNorm kernel, as the
+    # fused gate+up, in fp16; the GEMM's tc16 addressing at M = 3 and 64.
+    import qrun.kernels.ops as ops
+    from qrun.kernels.layout import to_tc16
+    torch.manual_seed(k * 5 + n)
+    parts = _weight(n, k, enc, 128)
+    tc = to_tc16(*parts)
+    w = dequantize_parts(enc, parts_of(*parts), (n, k), 128, dtype=torch.bfloat16).double()
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16) * 3
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    nw = (torch.rand(k, device=DEV) + 0.5).to(torch.bfloat16)
+    res = torch.randn(1, n, device=DEV, dtype=torch.bfloat16)
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    orig = ops._tc16_candidates
+    try:
+        for cfg in orig(every=True):
+            ops._tuned.clear()
+            ops._tc16_candidates = lambda *a, c=cfg, **kw: [c]
+            _poison((1, n), torch.bfloat16)
+            y = quant_linear(x, *tc, bias, encoding=enc, block_size=128, in_features=k, layout="tc16")
+            assert ops.LAST["gemv"].name == "gemv_tc16_kernel"
+            _check(y, x.double() @ w.T + bias.double())
+            _poison((1, n), torch.bfloat16)
+            y = quant_linear(x, *tc, None, encoding=enc, block_size=128, in_features=k, norm_weight=nw, eps=1e-6,
+                             residual=res, layout="tc16")
+            _check(y, xn @ w.T + res.double())
+            _poison((1, n // 2), torch.bfloat16)
+            y = quant_linear_silu_mul(x, *tc, encoding=enc, block_size=128, in_features=k, layout="tc16")
+            g, u = (x.double() @ w.T).chunk(2, dim=-1)
+            _check(y, torch.nn.functional.silu(g) * u)
+            xh = x.to(torch.float16)
+            wh = dequantize_parts(enc, parts_of(*parts), (n, k), 128, dtype=torch.float16).double()
+            _poison((1, n), torch.float16)
+            y = quant_linear(xh, *tc, None, encoding=enc, block_size=128, in_features=k, layout="tc16")
+            _check(y, xh.double() @ wh.T)
+    finally:
+        ops._tc16_candidates = orig
+    for m in (3, 64):
+        xm = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        _poison((m, n), torch.bfloat16)
+        y = quant_linear(xm, *tc, None, encoding=enc, block_size=128, in_features=k, layout="tc16")
+        _check(y, xm.double() @ w.T)
+
+
+def test_tc16_short_k_tail():
+    # K < Kp (K = 1000, Kp = 1024) and block 64: x is masked past K inside the tensor-core GEMV
+    from qrun.kernels.layout import to_tc16
+    torch.manual_seed(11)
+    k, n = 1000, 256
+    parts = _weight(n, k, "int4_asym", 64)
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    _poison((1, n), torch.bfloat16)
+    y = quant_linear(x, *to_tc16(*parts), None, encoding="int4_asym", block_size=64, in_features=k, layout="tc16")
+    _check(y, _ref(x, parts, n, k, "int4_asym", 64))

@@ -9,8 +9,9 @@ launcher times both for large M.
 BLOCK_K divides the quantization block B, so a K tile has one scale (and zero) per row: w = value * s + c
 with c = -offset * s, one FMA per weight before the cast to the activation dtype.
 SPLIT_K > 1 (small grids only) accumulates fp32 partial sums with atomics into a zeroed fp32 y.
-IL: the weight is in the "il4" layout (layout.py: int4 rows interleaved by 4 every 4 bytes), read through the
-same tiles with different address arithmetic (4-byte runs along K instead of whole rows).
+LAY: the weight layout (layout.py), read through the same tiles with different address arithmetic: 0 "rows",
+1 "il4" (int4 rows interleaved by 4 every 4 bytes: 4-byte runs along K), 2 "tc16" (tiles of 16 rows, 2-byte runs
+along K). Each is an offset of the row plus an offset of the byte column.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
                stride_wn, stride_sn, stride_zn,
                ENC: tl.constexpr, B: tl.constexpr, SPLIT_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-               IL: tl.constexpr, INTERPRET: tl.constexpr):
+               LAY: tl.constexpr, INTERPRET: tl.constexpr):
     """float32 (BLOCK_N, BLOCK_M) = W[rows] @ x[offs_m]^T over this program's share of K."""
     BKB: tl.constexpr = BLOCK_K if ENC == "int8_sym" else BLOCK_K // 2  # packed bytes per K tile
     offs_kb = tl.arange(0, BKB)
@@ -34,10 +35,14 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if IL:  # element [n, c] of an (N, C) part lives at [n // 4, c // e, n % 4, c % e] (e = 4 bytes, 1 scale)
+    if LAY == 1:  # element [n, c] of an (N, C) part lives at [n // 4, c // e, n % 4, c % e] (e = 4 bytes, 1 scale)
         wrow = (rows // 4) * (4 * stride_wn) + (rows % 4) * 4                    # (BLOCK_N,)
         srow = (rows // 4) * (4 * stride_sn) + (rows % 4)
         zrow = (rows // 4) * (4 * stride_zn) + (rows % 4)
+    elif LAY == 2:  # byte [n, p] at [n // 16, p // 32, (p % 8) // 2, n % 8, (p % 32) // 8, (n % 16) // 8, p % 2]
+        wrow = (rows // 16) * (16 * stride_wn) + (rows % 8) * 16 + ((rows % 16) // 8) * 2
+        srow = (rows // 16) * (16 * stride_sn) + (rows % 16)                   # scales [n // 16, g, n % 16]
+        zrow = (rows // 16) * (16 * stride_zn) + (rows % 16)
     else:
         wrow = rows * stride_wn
         srow = rows * stride_sn
@@ -46,12 +51,16 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
         k0 = kt * BLOCK_K
         # KP is a multiple of B, and B of BLOCK_K: no mask along K for the weight.
         kb = k0 // (BLOCK_K // BKB) + offs_kb                                   # (BKB,) byte column
-        if IL:
+        if LAY == 1:
             kb = (kb // 4) * 16 + kb % 4
+        elif LAY == 2:
+            kb = (kb // 32) * 512 + ((kb % 8) // 2) * 128 + ((kb % 32) // 8) * 4 + kb % 2
         q = tl.load(w_ptr + wrow[:, None] + kb[None, :], mask=rmask[:, None], other=0)  # (BLOCK_N, BKB)
         g = k0 // B
-        if IL:
+        if LAY == 1:
             g = g * 4
+        elif LAY == 2:
+            g = g * 16
         s = tl.load(s_ptr + srow + g, mask=rmask, other=0.0).to(tl.float32)  # (BLOCK_N,)
         if ENC == "int4_asym":
             c = -tl.load(z_ptr + zrow + g, mask=rmask, other=0).to(tl.float32) * s
@@ -94,19 +103,19 @@ def gemm_kernel(
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = True,
-    IL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+    LAY: tl.constexpr = 0, INTERPRET: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N_OUT
     mmask = offs_m < M
     acc = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask, K, KP, stride_xm,
-                     stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, IL,
+                     stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, LAY,
                      INTERPRET)
     if SILU:  # the launcher never combines SILU with SPLIT_K > 1 (silu is not additive)
         up = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows + N_OUT, rmask, offs_m, mmask, K, KP,
                         stride_xm, stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M,
-                        BLOCK_K, SWAP, IL, INTERPRET)
+                        BLOCK_K, SWAP, LAY, INTERPRET)
         acc = acc / (1.0 + tl.exp(-acc)) * up
     if HAS_BIAS:
         if tl.program_id(2) == 0:

@@ -1,7 +1,8 @@
 """Launchers for the Triton kernels and their torch.library custom ops (qrun::quant_linear,
 qrun::quant_linear_silu_mul), so torch.compile treats them as opaque calls and CUDA graphs capture them.
 
-Dispatch by M (rows of x): M == 1 -> gemv_int4_kernel (int4_sym/asym, packed bytes read as int32 words) or
+Dispatch by M (rows of x): M == 1 -> gemv_tc16_kernel (int4 in the "tc16" layout, tensor cores),
+gemv_il4_kernel (int4, "il4"), gemv_int4_kernel (int4 "rows", packed bytes read as int32 words) or
 gemv_kernel (int8, nf4), M >= 2 -> gemm_kernel (tl.dot; M <= 16 pads the MMA
 to 16). Launch configs are timed once per (device, kernel, encoding, block size, dtype, N, K, M bucket) and
 cached for the process; under CUDA graph capture an untuned shape takes the first candidate (timing is
@@ -20,7 +21,8 @@ from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
-from .layout import LAYOUTS
+from .gemv_tc import gemv_tc16_kernel
+from .layout import LAYOUTS, can_tc16
 from .pdl import pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -182,6 +184,25 @@ def _il4_candidates(nb):
     return out
 
 
+TC16_ALL = os.environ.get("QRUN_TC16_ALL", "0") == "1"
+
+
+def _tc16_candidates(every: bool | None = None):
+    """(warps splitting K by quads of 64 k, DEEP: weights and x two steps ahead, CG: weights bypass L1). One
+    program per 16-row tile, so many warps for enough loads in flight. First measured (H100, kernels.py
+    --sweep, round 5): 16 warps best on 7B o and down, 4 warps 1.6-2.3x slower."""
+    # The DEEP and CG variants (x two steps ahead, weights past L1) are written after the last device run and
+    # not yet checked on a GPU: only with every=True / QRUN_TC16_ALL=1 (the GPU tests and kernels.py --sweep
+    # take them all).
+    every = TC16_ALL if every is None else every
+    out = [dict(WARPS=w, DEEP=bool(d), CG=bool(cg), num_warps=w, num_stages=1)
+           for w, d, cg in ((16, 0, 0), (8, 0, 0), (32, 0, 0), (4, 0, 0), (16, 1, 0), (8, 1, 0), (16, 1, 1),
+                            (8, 1, 1)) if every or not (d or cg)]
+    if INTERPRET:
+        out = [dict(WARPS=2, DEEP=True, CG=True, num_warps=2, num_stages=1)]
+    return out
+
+
 def _gemv4_candidates(block_size, nb):
     """(BLOCK_N rows per thread, K per step, warps, PER_SM): K per step = 32 * threads along K (one 16-byte
     load of 4 words = 32 k per thread per row), so every thread holds all BLOCK_N rows and the warps split K.
@@ -245,7 +266,8 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     """y = dequant(W) @ xn + bias (+ residual), xn = rmsnorm(x) * norm_weight when norm_weight is given, else x;
     with silu: silu(gate) * up of the two row halves. The M = 1 word GEMV does the norm and the residual add
     inside the kernel; other paths run the RMSNorm kernel first and add the residual after.
-    layout: "rows" (canonical) or "il4" (int4 rows interleaved by 4, layout.py)."""
+    layout: "rows" (canonical), "il4" (int4 rows interleaved by 4) or "tc16" (int4 in 16-row tiles for the
+    tensor-core GEMV), layout.py."""
     _check(x, qweight, scales, zeros, encoding, block_size, in_features)
     il = layout == "il4"
     if layout not in LAYOUTS:
@@ -253,6 +275,9 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     if il and (encoding not in ("int4_sym", "int4_asym") or scales.shape[0] % (8 if silu else 4) or block_size % 32):
         raise ValueError(f"layout il4 needs int4 weights with rows in groups of 4 (got {encoding}, "
                          f"{scales.shape[0]} rows)")
+    if layout == "tc16" and not can_tc16(encoding, qweight, block_size, 32 if silu else 16):
+        raise ValueError(f"layout tc16 needs int4 weights in tiles of 16 rows and blocks of 64 k or more (got "
+                         f"{encoding}, {scales.shape[0]} rows, block {block_size})")
     if norm_weight is not None and norm_weight.shape != (in_features,):
         raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for {in_features} input features")
     k = in_features
@@ -277,10 +302,34 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     common = (encoding, block_size, x.dtype, scales.dtype, n, k, bias is not None, silu, norm_weight is not None,
               residual is not None, layout)
 
+    if m == 1 and layout == "tc16" and x.dtype in (torch.bfloat16, torch.float16) and k % 2 == 0:
+        # the tensor-core GEMV: bias and residual inside, the RMSNorm kernel before it
+        if norm_weight is not None:
+            from .rmsnorm import rms_norm_launch
+            x2 = rms_norm_launch(x2, norm_weight, eps)
+        try:
+            x32 = x2.view(torch.int32)  # (1, K/2) bf16/fp16 pairs
+        except RuntimeError:  # an odd element offset
+            x32 = x2.clone().view(torch.int32)
+        res = residual.reshape(n_out).contiguous() if residual is not None else scales
+        flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, HAS_RES=residual is not None,
+                     F16=x.dtype == torch.float16, INTERPRET=INTERPRET)
+        kw = {"PDL": False} if k >= PDL_MAX_K else pdl_kwargs(x2)
+        nq = nb * block_size // 64
+        flags["KFULL"] = k == nq * 64
+
+        def launch(c, w, s, zz, out=y):
+            LAST["gemv"] = gemv_tc16_kernel[(n_out // 16,)](x32, w, s, zz, b, res, out, n_out, k, nb, nq, **flags,
+                                                             **kw, **c)
+        key = (dev, "gemv_tc16") + common
+        cfg = LAST["gemv_cfg"] = _pick_chain(key, _tc16_candidates(), launch, (qweight.view(torch.int32), scales, z))
+        launch(cfg, qweight.view(torch.int32), scales, z)
+        return y.reshape(*lead, n_out)
+
     w32 = None
     if m == 1 and il:
         w32 = qweight.view(torch.int32)  # interleave4 made it contiguous
-    elif m == 1 and encoding in ("int4_sym", "int4_asym"):
+    elif m == 1 and layout == "rows" and encoding in ("int4_sym", "int4_asym"):
         try:  # the packed bytes as int32 words (no copy: Kp/2 is a multiple of 16 bytes for B >= 32)
             w32 = qweight.view(torch.int32)
         except RuntimeError:  # a view at an odd byte offset: the byte-wise GEMV below
@@ -330,7 +379,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         launch(cfg, w32, scales, z)
         return y.reshape(*lead, n_out)
 
-    if m == 1:
+    if m == 1 and layout == "rows":
         def launch(c, out=y):
             grid = (triton_cdiv(n_out, c["BLOCK_N"]),)
             LAST["gemv"] = gemv_kernel[grid](x2, qweight, scales, z, code, b, out, n_out, k, nb, qweight.stride(0),
@@ -365,7 +414,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         LAST["gemm"] = gemm_kernel[grid](x2, qweight, scales, z, code, b, out, m, n_out, k, kp, x2.stride(0),
                           qweight.stride(0), scales.stride(0), z.stride(0), out.stride(0),
                           ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, SPLIT_K=split,
-                          IL=il, INTERPRET=INTERPRET, **c)
+                          LAY=LAYOUTS.index(layout), INTERPRET=INTERPRET, **c)
         return out
 
     cfg = LAST["gemm_cfg"] = _pick((dev, "gemm", mb) + common, cands, launch)

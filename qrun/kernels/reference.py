@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from qrun.quant import dequantize_parts
 
-from .layout import deinterleave4
+from .layout import to_rows
 
 
 def parts_of(qweight, scales, zeros):
@@ -34,9 +34,8 @@ def quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      eps: float = 0.0, residual: torch.Tensor | None = None, layout: str = "rows") -> torch.Tensor:
     """x (..., K) -> (..., N) in x.dtype; the weight is dequantized in float32 then cast to x.dtype.
     norm_weight: x is first replaced by rms_norm_ref(x, norm_weight, eps); residual (..., N) is added last.
-    layout "il4": the parts are first put back in the canonical order (layout.py)."""
-    if layout == "il4":
-        qweight, scales, zeros = deinterleave4(qweight, scales, zeros)
+    layout "il4" / "tc16": the parts are first put back in the canonical order (layout.py)."""
+    qweight, scales, zeros = to_rows(layout, qweight, scales, zeros)
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     n = scales.shape[0]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from qrun.errors import QRunError
-from qrun.kernels.layout import can_interleave4, interleave4
+from qrun.kernels.layout import can_interleave4, can_tc16, interleave4, to_tc16
 from qrun.models import ModelArgs, Transformer
 from qrun.models.linear import Concat, Embedding, FusedSiluMul, Linear, QuantEmbedding, QuantLinear, SiluMul
 from qrun.quant import ENCODINGS, dequantize_parts, effective_scales
@@ -171,10 +171,13 @@ class _Builder:
         return enc not in LOSSLESS and not self.dequantize
 
     def linear(self, names: list[str], biases: list[str | None], tensors: dict[str, Any],
-               row_groups: int = 4) -> torch.nn.Module:
+               row_groups: int = 4, tensor_cores: bool = False) -> torch.nn.Module:
         """One weight or several stacked along the output rows (q/k/v, gate/up) -> one module if possible.
-        On CUDA, int4 weights whose row count is a multiple of `row_groups` get the "il4" layout the decode
-        GEMV reads fastest (qrun/kernels/layout.py; QRUN_LAYOUT=rows keeps the canonical one)."""
+        On CUDA, int4 weights get a layout for the decode GEMV (qrun/kernels/layout.py): "il4" where the row count
+        is a multiple of `row_groups` (the default, QRUN_LAYOUT=il4). QRUN_LAYOUT=tc16 gives "tc16" (the
+        tensor-core GEMV) where `tensor_cores` (projections with no RMSNorm to fuse in front: that GEMV does
+        not fuse it) and the shape allows, il4 elsewhere; it is opt-in until decode is measured with it
+        (PERF.md round 5). QRUN_LAYOUT=rows keeps the canonical layout."""
         infos = [self.reader.info(n) for n in names]
         k = infos[0].shape[1]
         quant = [self._is_quant(n) for n in names]
@@ -199,7 +202,17 @@ class _Builder:
             sdt = torch.float32 if any(x["scales"].dtype == torch.float32 for x in qs) else torch.float16
             q = {key: torch.cat([x[key].to(sdt) if key == "scales" else x[key] for x in qs]) for key in qs[0]}
         layout = "rows"
-        if (q["qweight"].is_cuda and os.environ.get("QRUN_LAYOUT", "il4") == "il4"
+        choice = os.environ.get("QRUN_LAYOUT", "il4")
+        bs = infos[0].entry["block_size"]
+        # tc16 needs a 16-row tile per SM at least: its programs are tiles (Qwen2-0.5B's o and down have 56 on
+        # 132 SMs, and ran 1.0-1.35x slower than il4 on the H100; PERF.md round 5)
+        if (q["qweight"].is_cuda and choice == "tc16" and tensor_cores
+                and can_tc16(infos[0].encoding, q["qweight"], bs, 16 * row_groups // 4)
+                and q["qweight"].shape[0] // 16 >= torch.cuda.get_device_properties(q["qweight"].device)
+                .multi_processor_count):
+            q["qweight"], q["scales"], q["zeros"] = to_tc16(q["qweight"], q["scales"], q.get("zeros"))
+            layout = "tc16"
+        elif (q["qweight"].is_cuda and choice in ("il4", "tc16")
                 and can_interleave4(infos[0].encoding, q["qweight"]) and q["qweight"].shape[0] % row_groups == 0):
             q["qweight"], q["scales"], q["zeros"] = interleave4(q["qweight"], q["scales"], q.get("zeros"))
             layout = "il4"
@@ -382,5 +395,6 @@ def _install(model: Transformer, b: _Builder, g: Group, tensors) -> None:
         _set(model, g.target, b.embedding(g.weights[0], tensors))
     elif g.kind == "silu_mul":
         _set(model, g.target, b.silu_mul(g.weights, tensors))
-    else:
-        _set(model, g.target, b.linear(g.weights, g.biases, tensors))
+    else:  # o and down have no RMSNorm in front to fuse: the tensor-core GEMV's layout
+        _set(model, g.target, b.linear(g.weights, g.biases, tensors,
+                                       tensor_cores=g.target.endswith(("o_proj", "down_proj"))))
