@@ -14,7 +14,7 @@ def _run() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from qrun.kernels.decode_attention import decode_attention
+    from qrun.kernels.decode_attention import decode_attention, rope_attention
     from qrun.kernels.rmsnorm import rms_norm
     from qrun.kernels.rope_cache import rope_kv_write
     from qrun.models.llama import RMSNorm, apply_rope
@@ -51,6 +51,42 @@ def _run() -> dict:
         ref = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :p + 1].repeat_interleave(hq // kv, 1),
                                              vc[:, :, :p + 1].repeat_interleave(hq // kv, 1))
         res[f"attn-{s}-{p}"] = (y - ref.reshape(b, hq * hd)).abs().max().item()
+    # RoPE + cache write + attention + combine in one kernel, against the model's plain-torch steps; the
+    # counters must come back to zero (the next step reuses them), positions past the token stay unread and
+    # unwritten (NaN), and a second call (the next step) must be right too
+    for s, p in ((100, 37), (700, 650), (700, 0), (1000, 999)):
+        freqs = torch.outer(torch.arange(s).float(), 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos(), emb.sin()
+        kc, vc = torch.randn(b, kv, s, hd), torch.randn(b, kv, s, hd)
+        kc[:, :, p:] = float("nan")
+        vc[:, :, p:] = float("nan")
+        cnt = torch.zeros(b * kv, dtype=torch.int32)
+        worst, ok = 0.0, True
+        for step in range(2):
+            pp = min(p + step, s - 1)
+            qkv = torch.randn(b, 1, (hq + 2 * kv) * hd)
+            y = rope_attention(qkv, cos, sin, torch.tensor([pp]), kc, vc, cnt, hq)
+            qr, kr, vr = qkv.split([hq * hd, kv * hd, kv * hd], -1)
+            qref = apply_rope(qr.view(b, 1, hq, hd).transpose(1, 2), cos[[pp]], sin[[pp]])
+            kref = apply_rope(kr.view(b, 1, kv, hd).transpose(1, 2), cos[[pp]], sin[[pp]])[:, :, 0]
+            ok &= bool(torch.allclose(kc[:, :, pp], kref, atol=1e-5) and torch.equal(vc[:, :, pp], vr.view(b, kv, hd)))
+            ok &= bool(torch.isnan(kc[:, :, pp + 1:]).all() and torch.isnan(vc[:, :, pp + 1:]).all())
+            ok &= bool((cnt == 0).all())
+            ref = F.scaled_dot_product_attention(qref, kc[:, :, :pp + 1].repeat_interleave(hq // kv, 1),
+                                                 vc[:, :, :pp + 1].repeat_interleave(hq // kv, 1))
+            worst = max(worst, (y - ref.reshape(b, hq * hd)).abs().max().item())
+        res[f"rope-attn-{s}-{p}"] = dict(err=worst, ok=ok)
+    x = torch.randn(2, 1, (hq + 2 * kv) * hd).to(torch.bfloat16)  # bf16: the same roundings as the unfused pair
+    kc, vc = torch.randn(2, kv, 300, hd).to(torch.bfloat16), torch.randn(2, kv, 300, hd).to(torch.bfloat16)
+    kc2, vc2 = kc.clone(), vc.clone()
+    freqs = torch.outer(torch.arange(300).float(), 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    y1 = rope_attention(x, cos, sin, torch.tensor([200]), kc, vc, torch.zeros(2 * kv, dtype=torch.int32), hq)
+    q = rope_kv_write(x, cos, sin, torch.tensor([200]), kc2, vc2, hq)
+    y2 = decode_attention(q, kc2, vc2, torch.tensor([200]))
+    res["rope-attn-bf16"] = dict(err=(y1.float() - y2.float()).abs().max().item(), ok=bool(torch.equal(kc, kc2)
+                                                                                          and torch.equal(vc, vc2)))
     return res
 
 
@@ -73,6 +109,13 @@ def test_rope_cache_write(results):
 @pytest.mark.parametrize("case", ["100-37", "700-650", "700-0", "1000-999"])
 def test_decode_attention(results, case):
     assert results[f"attn-{case}"] <= 1e-5  # NaN (a read past the token) fails this too
+
+
+@pytest.mark.parametrize("case", ["100-37", "700-650", "700-0", "1000-999", "bf16"])
+def test_rope_attention_fused(results, case):
+    r = results[f"rope-attn-{case}"]
+    assert r["ok"], r
+    assert r["err"] <= (1e-2 if case == "bf16" else 1e-5), r
 
 
 if __name__ == "__main__":

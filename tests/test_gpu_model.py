@@ -79,3 +79,28 @@ def test_fused_decode_matches_full_forward(model_file):
             step = gpu.decode_step(ids[:, t:t + 1].cuda(), torch.tensor([t], device="cuda"))[0].cpu()
             assert torch.isfinite(step).all()
             assert (step - full[t]).abs().max() <= 1e-3 * full[t].abs().max(), t
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_fused_rope_attention_matches_unfused(model_file, graph, monkeypatch):
+    """QRUN_FUSED_ATTN's one-kernel RoPE + cache write + attention + combine gives the logits of the three-kernel
+    path, eager and in a CUDA graph, with several cache slices (max_seq 400: 4 slices of 128) and the token
+    crossing a slice boundary (positions 120..139)."""
+    import qrun
+    from qrun import kernels
+    outs = []
+    for fused in (False, True):
+        monkeypatch.setattr(kernels, "FUSED_ATTN", fused)
+        llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=400, graph=graph)
+        torch.manual_seed(0)
+        ids = torch.randint(0, llm.model.args.vocab_size, (1, 140), device="cuda")
+        from qrun.runtime.generate import prefill
+        with torch.inference_mode():
+            prefill(llm.model, ids[:, :120], torch.arange(120, device="cuda"))
+            seq = [llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda")).clone() for t in range(120, 140)]
+        outs.append(torch.stack(seq).float().cpu())
+        if fused:
+            assert all((m.kv_cache.counters == 0).all() for m in llm.model.modules() if hasattr(m, "kv_cache")
+                       and m.kv_cache is not None)
+    assert torch.isfinite(outs[1]).all()
+    assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[0].abs().max()

@@ -20,8 +20,13 @@ CUDA-only fused ops for the decode step (custom ops, capturable in a CUDA graph)
     rms_norm(x, w, eps) -> w * rmsnorm(x)
     rope_kv_write(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads) -> rotated q (B, H, hd)
     decode_attention(q (B, H, hd), k_cache, v_cache, input_pos) -> (B, H * hd)
+    rope_attention(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads) -> (B, H * hd): the two above
+        in one kernel, the combine of the cache slices included; the model takes it when FUSED_ATTN
+        (QRUN_FUSED_ATTN=1; off until it has run on a GPU: PERF.md round 5)
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -33,8 +38,10 @@ try:  # triton is a Linux-only dependency; without it only the reference path ex
     from .decode_attention import decode_attention  # noqa: F401  (CUDA decode step: attention over the cache)
     from .rmsnorm import rms_norm  # noqa: F401  (CUDA: RMSNorm in one kernel)
     from .rope_cache import rope_kv_write  # noqa: F401  (CUDA decode step: RoPE + KV-cache write)
+    from .decode_attention import rope_attention  # noqa: F401  (CUDA decode step: both of the above, one kernel)
 except ImportError:  # pragma: no cover
-    _ops = decode_attention = rms_norm = rope_kv_write = None
+    _ops = decode_attention = rms_norm = rope_kv_write = rope_attention = None
+FUSED_ATTN = os.environ.get("QRUN_FUSED_ATTN", "0") == "1"
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

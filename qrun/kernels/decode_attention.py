@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dequant import cast
 from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -141,3 +142,142 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, input_pos):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+# ------------------------------------------------------------------ RoPE + cache write + attention + combine
+
+@triton.jit
+def rope_attention_kernel(
+    # pointers: qkv (B, (H + 2 KV) * HD) of one token, cos/sin (S, HD) float32, position (1,) int64,
+    # caches (B', KV, S, HD), counters (B * KV,) int32 (zero between launches), partials m/l (B, H, NSPLIT),
+    # o (B, H, NSPLIT, HD) float32, y (B, H * HD)
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cnt_ptr, m_ptr, l_ptr, o_ptr, y_ptr,
+    H, KV, S, CHUNK, scale, stride_qkv_b,
+    G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PREC: tl.constexpr = "tf32",
+):
+    """decode_attention_kernel with rope_cache_kernel in front and combine_kernel behind, one launch instead of
+    three. Each program rotates the q of its G heads itself (a few hundred FMAs); the program whose slice holds
+    the token's position rotates its k, writes k and v into the caches and then reads them back like any other
+    position (a CTA barrier between); no other slice reads that position. The combine is done by the last of
+    the NSPLIT programs of a (batch, KV head) to finish: each stores its partials, then (barrier, one thread)
+    increments the counter with acq_rel at GPU scope, the pattern of CUTLASS's split-K semaphore; the one
+    that sees NSPLIT - 1 reads every partial through L2 and resets the counter for the next launch."""
+    if PDL:  # pdl.py: qkv and the position come from earlier kernels
+        gdc_wait()
+        gdc_launch_dependents()
+    bk = tl.program_id(0)  # b * KV + kv head
+    split = tl.program_id(1)
+    b = bk // KV
+    kvh = bk % KV
+    pos = tl.load(pos_ptr)
+    length = pos + 1
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, length)
+    rows = tl.arange(0, GP)
+    rmask = rows < G
+    heads = kvh * G + rows
+    h2 = tl.arange(0, HD // 2)
+    d = tl.arange(0, HD)
+    c = tl.load(cos_ptr + pos * HD + h2)
+    s = tl.load(sin_ptr + pos * HD + h2)
+    dt = y_ptr.dtype.element_ty
+    # rotated q, two halves (GP, HD/2), rounded to the activation dtype as the unfused kernel stores it
+    qb = qkv_ptr + b * stride_qkv_b + heads[:, None] * HD + h2[None, :]
+    x1 = tl.load(qb, mask=rmask[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(qb + HD // 2, mask=rmask[:, None], other=0.0).to(tl.float32)
+    q1 = cast(x1 * c - x2 * s, dt, INTERPRET)
+    q2 = cast(x2 * c + x1 * s, dt, INTERPRET)
+    kbase = k_ptr + bk.to(tl.int64) * S * HD
+    vbase = v_ptr + bk.to(tl.int64) * S * HD
+    if (pos >= start) & (pos < start + CHUNK):  # this slice holds the token: write its k (rotated) and v
+        kb = qkv_ptr + b * stride_qkv_b + (H + kvh) * HD
+        k1 = tl.load(kb + h2).to(tl.float32)
+        k2 = tl.load(kb + HD // 2 + h2).to(tl.float32)
+        tl.store(kbase + pos * HD + h2, cast(k1 * c - k2 * s, kbase.dtype.element_ty, INTERPRET))
+        tl.store(kbase + pos * HD + HD // 2 + h2, cast(k2 * c + k1 * s, kbase.dtype.element_ty, INTERPRET))
+        vv = tl.load(kb + KV * HD + d)
+        tl.store(vbase + pos * HD + d, vv.to(vbase.dtype.element_ty))
+        tl.debug_barrier()  # the loop below reads them back from other threads
+    if INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.9): float32 there
+        q1 = q1.to(tl.float32)
+        q2 = q2.to(tl.float32)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, HD), tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        smask = sp < end
+        k1 = tl.load(kbase + sp[:, None] * HD + h2[None, :], mask=smask[:, None], other=0.0)
+        k2 = tl.load(kbase + sp[:, None] * HD + HD // 2 + h2[None, :], mask=smask[:, None], other=0.0)
+        v = tl.load(vbase + sp[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
+        if INTERPRET:
+            k1 = k1.to(tl.float32)
+            k2 = k2.to(tl.float32)
+            v = v.to(tl.float32)
+        sc = (tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)) \
+            * scale                                                                   # (GP, BLOCK_S)
+        sc = tl.where(smask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    if NSPLIT == 1:
+        tl.store(y_ptr + (b * H + heads)[:, None] * HD + d[None, :], (acc / l_i[:, None]).to(dt),
+                 mask=rmask[:, None])
+    else:
+        out = (b * H + heads) * NSPLIT + split
+        tl.store(m_ptr + out, m_i, mask=rmask)
+        tl.store(l_ptr + out, l_i, mask=rmask)
+        tl.store(o_ptr + out[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
+        tl.debug_barrier()  # every thread's partials before the counter's release
+        arrived = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel", scope="gpu")
+        if arrived == NSPLIT - 1:  # the last slice of this KV head: combine its G heads
+            tl.atomic_xchg(cnt_ptr + bk, 0, sem="relaxed", scope="gpu")
+            sl = tl.arange(0, NSPLIT)
+            for g in range(G):
+                bh = b * H + kvh * G + g
+                m = tl.load(m_ptr + bh * NSPLIT + sl, cache_modifier=".cg")
+                lsum = tl.load(l_ptr + bh * NSPLIT + sl, cache_modifier=".cg")
+                mx = tl.max(m, axis=0)
+                w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)  # empty slices weigh 0
+                o = tl.load(o_ptr + (bh * NSPLIT + sl)[:, None] * HD + d[None, :], cache_modifier=".cg")
+                yv = tl.sum(o * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+                tl.store(y_ptr + bh * HD + d, yv.to(dt))
+
+
+@torch.library.custom_op("qrun::rope_attention", mutates_args=("k_cache", "v_cache", "counters"))
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, counters: torch.Tensor,
+                   n_heads: int) -> torch.Tensor:
+    """rope_kv_write + decode_attention in one kernel: qkv (B, 1, (H + 2 KV) * hd) of the token at input_pos
+    (1,) -> (B, H * hd); rotated k and v written into k_cache / v_cache (B', KV, S, hd), B' >= B.
+    counters: int32 (>= B * KV,) zeros, owned by the caller and left at zero (one per cache)."""
+    b = qkv.shape[0]
+    _, kv, s, hd = k_cache.shape
+    g = n_heads // kv
+    qkv2 = qkv.reshape(b, -1)
+    if qkv2.stride(-1) != 1:
+        qkv2 = qkv2.contiguous()
+    nsplit = n_splits(s)
+    chunk = triton.cdiv(triton.cdiv(s, nsplit), 64) * 64
+    y = torch.empty(b, n_heads * hd, dtype=qkv.dtype, device=qkv.device)
+    if nsplit > 1:
+        m = torch.empty(b, n_heads, nsplit, dtype=torch.float32, device=qkv.device)
+        l = torch.empty_like(m)
+        o = torch.empty(b, n_heads, nsplit, hd, dtype=torch.float32, device=qkv.device)
+    else:
+        m = l = o = y
+    rope_attention_kernel[(b * kv, nsplit)](qkv2, cos, sin, input_pos, k_cache, v_cache, counters, m, l, o, y,
+                                            n_heads, kv, s, chunk, 1.0 / math.sqrt(hd), qkv2.stride(0), G=g,
+                                            GP=max(16, triton.next_power_of_2(g)), HD=hd, BLOCK_S=64,
+                                            NSPLIT=nsplit, INTERPRET=INTERPRET, num_warps=4, **pdl_kwargs(qkv2),
+                                            PREC="ieee" if qkv.dtype == torch.float32 else "tf32")
+    return y
+
+
+@rope_attention.register_fake
+def _(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads):
+    return qkv.new_empty(qkv.shape[0], n_heads * k_cache.shape[-1])

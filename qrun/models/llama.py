@@ -141,6 +141,9 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_seq, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        # (B * KV,) int32, zero between decode steps: the fused attention kernel's per-head arrival counters
+        self.register_buffer("counters", torch.zeros(batch * n_kv_heads, device=device, dtype=torch.int32),
+                             persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, KV, T, hd) at positions input_pos (T,); return the whole caches (B, KV, S, hd)."""
@@ -169,9 +172,13 @@ class Attention(nn.Module):
                 and self.hd & (self.hd - 1) == 0:
             # Decode step on the GPU: RoPE + cache write in one kernel, attention reading only [0, pos].
             c = self.kv_cache
-            q = kernels.rope_kv_write(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
-            return self.o_proj(kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos).view(b, 1, -1),
-                               residual=residual)
+            if kernels.FUSED_ATTN:  # all of it in one kernel (QRUN_FUSED_ATTN=1)
+                y = kernels.rope_attention(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, c.counters,
+                                           self.n_heads)
+            else:
+                q = kernels.rope_kv_write(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
+                y = kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos)
+            return self.o_proj(y.view(b, 1, -1), residual=residual)
         q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
         q = apply_rope(q.view(b, t, self.n_heads, self.hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.view(b, t, self.n_kv, self.hd).transpose(1, 2), cos, sin)  # (B, KV, T, hd)
