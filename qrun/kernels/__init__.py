@@ -11,7 +11,8 @@ activations out.
 
 Scales are float16 or float32 (N, Kp/B); double-quantized scales are expanded by the loader first.
 layout="il4": int4 parts interleaved by `interleave4` (layout.py), which the decode GEMV reads fastest; the
-loader makes them for CUDA. Both calls take it; the default "rows" is the canonical layout.
+loader makes them for CUDA. layout="tc16": int4 parts in 16-row tiles by `to_tc16`, for the tensor-core
+decode GEMV (gemv_tc.py). Both calls take it; the default "rows" is the canonical layout.
 On CUDA tensors these call the Triton kernels through the custom ops qrun::quant_linear and
 qrun::quant_linear_silu_mul (see ops.py: GEMV for M = 1, tl.dot GEMM for M >= 2); elsewhere the
 plain-torch reference (reference.py).
