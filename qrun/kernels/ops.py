@@ -321,9 +321,10 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         def launch(c, w, s, zz, out=y):
             LAST["gemv"] = gemv_tc16_kernel[(n_out // 16,)](x32, w, s, zz, b, res, out, n_out, k, nb, nq, **flags,
                                                              **kw, **c)
-        key = (dev, "gemv_tc16") + common
-        cfg = LAST["gemv_cfg"] = _pick_chain(key, _tc16_candidates(), launch, (qweight.view(torch.int32), scales, z))
-        launch(cfg, qweight.view(torch.int32), scales, z)
+        words = qweight.view(torch.int32)  # to_tc16 made it contiguous
+        cfg = LAST["gemv_cfg"] = _pick_chain((dev, "gemv_tc16") + common, _tc16_candidates(), launch,
+                                             (words, scales, z))
+        launch(cfg, words, scales, z)
         return y.reshape(*lead, n_out)
 
     w32 = None

@@ -203,6 +203,8 @@ class _Builder:
             q = {key: torch.cat([x[key].to(sdt) if key == "scales" else x[key] for x in qs]) for key in qs[0]}
         layout = "rows"
         choice = os.environ.get("QRUN_LAYOUT", "il4")
+        if choice not in ("il4", "tc16", "rows"):
+            raise QRunError(f"QRUN_LAYOUT must be il4, tc16 or rows, not {choice!r}")
         bs = infos[0].entry["block_size"]
         # tc16 needs a 16-row tile per SM at least: its programs are tiles (Qwen2-0.5B's o and down have 56 on
         # 132 SMs, and ran 1.0-1.35x slower than il4 on the H100; PERF.md round 5)
