@@ -84,21 +84,28 @@ def decode_attention_kernel(
 
 
 @triton.jit
-def combine_kernel(m_ptr, l_ptr, o_ptr, y_ptr, HD: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
-    """Per (b, head): y = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i over the NSPLIT slices."""
-    bh = tl.program_id(0)
+def _combine(m_ptr, l_ptr, o_ptr, y_ptr, bh, HD: tl.constexpr, NSPLIT: tl.constexpr, CG: tl.constexpr = False):
+    """Per (b, head) bh: y = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i over the NSPLIT slices.
+    CG: read the partials through L2 (written by other programs of the same launch)."""
     sp = tl.arange(0, NSPLIT)
+    d = tl.arange(0, HD)
+    cm: tl.constexpr = ".cg" if CG else ""
+    m = tl.load(m_ptr + bh * NSPLIT + sp, cache_modifier=cm)
+    l = tl.load(l_ptr + bh * NSPLIT + sp, cache_modifier=cm)
+    mx = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)  # empty slices weigh 0
+    o = tl.load(o_ptr + (bh * NSPLIT + sp)[:, None] * HD + d[None, :], cache_modifier=cm)
+    y = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(y_ptr + bh * HD + d, y.to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def combine_kernel(m_ptr, l_ptr, o_ptr, y_ptr, HD: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    """Pass 2: one program per (b, head), _combine."""
     if PDL:  # pdl.py: the partials come from the kernel before
         gdc_wait()
         gdc_launch_dependents()
-    d = tl.arange(0, HD)
-    m = tl.load(m_ptr + bh * NSPLIT + sp)
-    l = tl.load(l_ptr + bh * NSPLIT + sp)
-    mx = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)  # empty slices weigh 0
-    o = tl.load(o_ptr + (bh * NSPLIT + sp)[:, None] * HD + d[None, :])
-    y = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(y_ptr + bh * HD + d, y.to(y_ptr.dtype.element_ty))
+    _combine(m_ptr, l_ptr, o_ptr, y_ptr, tl.program_id(0), HD, NSPLIT)
 
 
 SLICE = int(os.environ.get("QRUN_ATTN_SLICE", 128))  # cache positions per slice (A/B timing)
@@ -236,16 +243,8 @@ def rope_attention_kernel(
         arrived = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel", scope="gpu")
         if arrived == NSPLIT - 1:  # the last slice of this KV head: combine its G heads
             tl.atomic_xchg(cnt_ptr + bk, 0, sem="relaxed", scope="gpu")
-            sl = tl.arange(0, NSPLIT)
             for g in range(G):
-                bh = b * H + kvh * G + g
-                m = tl.load(m_ptr + bh * NSPLIT + sl, cache_modifier=".cg")
-                lsum = tl.load(l_ptr + bh * NSPLIT + sl, cache_modifier=".cg")
-                mx = tl.max(m, axis=0)
-                w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)  # empty slices weigh 0
-                o = tl.load(o_ptr + (bh * NSPLIT + sl)[:, None] * HD + d[None, :], cache_modifier=".cg")
-                yv = tl.sum(o * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
-                tl.store(y_ptr + bh * HD + d, yv.to(dt))
+                _combine(m_ptr, l_ptr, o_ptr, y_ptr, b * H + kvh * G + g, HD, NSPLIT, CG=True)
 
 
 @torch.library.custom_op("qrun::rope_attention", mutates_args=("k_cache", "v_cache", "counters"))
