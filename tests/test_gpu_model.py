@@ -84,14 +84,14 @@ def test_fused_decode_matches_full_forward(model_file):
 @pytest.mark.parametrize("graph", [False, True])
 def test_fused_rope_attention_matches_unfused(model_file, graph, monkeypatch):
     """QRUN_FUSED_ATTN's one-kernel RoPE + cache write + attention + combine gives the logits of the three-kernel
-    path, eager and in a CUDA graph, with several cache slices (max_seq 400: 4 slices of 128) and the token
+    path, eager and in a CUDA graph, with two cache slices (max_seq 256, the tiny config's limit: 2 slices of 128) and the token
     crossing a slice boundary (positions 120..139)."""
     import qrun
     from qrun import kernels
     outs = []
     for fused in (False, True):
         monkeypatch.setattr(kernels, "FUSED_ATTN", fused)
-        llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=400, graph=graph)
+        llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=256, graph=graph)
         torch.manual_seed(0)
         ids = torch.randint(0, llm.model.args.vocab_size, (1, 140), device="cuda")
         from qrun.runtime.generate import prefill

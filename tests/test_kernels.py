@@ -74,8 +74,11 @@ def cases():
                                            silu=False, norm=True, res=True, layout="tc16")))
     out.append(("tc16-silu-gemv", dict(enc="int4_sym", b=64, m=1, n=2 * 32, k=150, dtype="bfloat16", bias=False,
                                        silu=True, layout="tc16")))
-    out.append(("tc16-silu-gemm", dict(enc="int4_asym", b=64, m=3, n=2 * 16, k=150, dtype="bfloat16", bias=False,
+    # M > 1 gate+up on tc16: two GEMMs over the halves (3 tiles each), silu * up after (ops.py says why)
+    out.append(("tc16-silu-gemm", dict(enc="int4_asym", b=64, m=3, n=2 * 48, k=150, dtype="bfloat16", bias=False,
                                        silu=True, layout="tc16")))
+    out.append(("tc16-silu-norm-gemm", dict(enc="int4_sym", b=128, m=2, n=2 * 32, k=200, dtype="bfloat16",
+                                            bias=False, silu=True, norm=True, layout="tc16")))
     for enc in ("int4_sym", "int4_asym"):
         out.append((f"tc16-fp16-{enc}-gemv", dict(enc=enc, b=128, m=1, n=16, k=300, dtype="float16", bias=True,
                                                   silu=False, layout="tc16")))

@@ -184,46 +184,42 @@ def rope_attention_kernel(
     rows = tl.arange(0, GP)
     rmask = rows < G
     heads = kvh * G + rows
-    h2 = tl.arange(0, HD // 2)
     d = tl.arange(0, HD)
-    c = tl.load(cos_ptr + pos * HD + h2)
-    s = tl.load(sin_ptr + pos * HD + h2)
+    dr = (d + HD // 2) % HD  # rotate_half's partner of each dimension: x[d + HD/2] for d < HD/2, else x[d - HD/2]
+    sgn = tl.where(d < HD // 2, -1.0, 1.0)  # rotate_half(x)[d] = sgn[d] * x[dr[d]]
+    c = tl.load(cos_ptr + pos * HD + d)  # (HD,) float32
+    s = tl.load(sin_ptr + pos * HD + d)
     dt = y_ptr.dtype.element_ty
-    # rotated q, two halves (GP, HD/2), rounded to the activation dtype as the unfused kernel stores it
-    qb = qkv_ptr + b * stride_qkv_b + heads[:, None] * HD + h2[None, :]
-    x1 = tl.load(qb, mask=rmask[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(qb + HD // 2, mask=rmask[:, None], other=0.0).to(tl.float32)
-    q1 = cast(x1 * c - x2 * s, dt, INTERPRET)
-    q2 = cast(x2 * c + x1 * s, dt, INTERPRET)
+    # rotated q (GP, HD), rounded to the activation dtype as the unfused kernel stores it. Whole rows, not two
+    # halves: one dot of depth HD (tl.dot needs a depth >= 16, and head_dim 16 has halves of 8).
+    qb = qkv_ptr + b * stride_qkv_b + heads[:, None] * HD
+    xq = tl.load(qb + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    xr = tl.load(qb + dr[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    q = cast(xq * c[None, :] + sgn[None, :] * xr * s[None, :], dt, INTERPRET)
     kbase = k_ptr + bk.to(tl.int64) * S * HD
     vbase = v_ptr + bk.to(tl.int64) * S * HD
     if (pos >= start) & (pos < start + CHUNK):  # this slice holds the token: write its k (rotated) and v
         kb = qkv_ptr + b * stride_qkv_b + (H + kvh) * HD
-        k1 = tl.load(kb + h2).to(tl.float32)
-        k2 = tl.load(kb + HD // 2 + h2).to(tl.float32)
-        tl.store(kbase + pos * HD + h2, cast(k1 * c - k2 * s, kbase.dtype.element_ty, INTERPRET))
-        tl.store(kbase + pos * HD + HD // 2 + h2, cast(k2 * c + k1 * s, kbase.dtype.element_ty, INTERPRET))
+        xk = tl.load(kb + d).to(tl.float32)
+        xkr = tl.load(kb + dr).to(tl.float32)
+        tl.store(kbase + pos * HD + d, cast(xk * c + sgn * xkr * s, kbase.dtype.element_ty, INTERPRET))
         vv = tl.load(kb + KV * HD + d)
         tl.store(vbase + pos * HD + d, vv.to(vbase.dtype.element_ty))
         tl.debug_barrier()  # the loop below reads them back from other threads
     if INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.9): float32 there
-        q1 = q1.to(tl.float32)
-        q2 = q2.to(tl.float32)
+        q = q.to(tl.float32)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, HD), tl.float32)
     for s0 in range(start, end, BLOCK_S):
         sp = s0 + tl.arange(0, BLOCK_S)
         smask = sp < end
-        k1 = tl.load(kbase + sp[:, None] * HD + h2[None, :], mask=smask[:, None], other=0.0)
-        k2 = tl.load(kbase + sp[:, None] * HD + HD // 2 + h2[None, :], mask=smask[:, None], other=0.0)
+        k = tl.load(kbase + sp[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)     # (BLOCK_S, HD)
         v = tl.load(vbase + sp[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
         if INTERPRET:
-            k1 = k1.to(tl.float32)
-            k2 = k2.to(tl.float32)
+            k = k.to(tl.float32)
             v = v.to(tl.float32)
-        sc = (tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)) \
-            * scale                                                                   # (GP, BLOCK_S)
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale                            # (GP, BLOCK_S)
         sc = tl.where(smask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)

@@ -35,6 +35,8 @@ FUSE = os.environ.get("QRUN_FUSE_NORM", "1") != "0"  # 0: RMSNorm and residual o
 # Qwen2-0.5B's tied int4 lm_head, gains from it too (1694 -> 1768 tok/s; benchmarks/decode.py --runs
 # graph,fuse). QRUN_FUSE_MAX_WEIGHTS sets a cap again for A/B timing.
 FUSE_MAX_WEIGHTS = int(os.environ.get("QRUN_FUSE_MAX_WEIGHTS", 10**15))
+# 1: gate+up on tc16 at M > 1 through the fused SILU GEMM (wrong rows seen on the H100; for diagnosis only)
+TC16_SILU_GEMM = os.environ.get("QRUN_TC16_SILU_GEMM", "0") == "1"
 PDL_MAX_K = int(os.environ.get("QRUN_PDL_MAX_K", 8192))  # the il4 GEMV is launched without PDL from this K on
 
 _tuned: dict[tuple, dict] = {}
@@ -326,6 +328,20 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                                              (words, scales, z))
         launch(cfg, words, scales, z)
         return y.reshape(*lead, n_out)
+
+    if silu and layout == "tc16" and not TC16_SILU_GEMM:
+        # M > 1: the gate and up halves as two plain GEMMs (each half is whole 16-row tiles, so a tc16 part of
+        # its own), silu(gate) * up in torch. The fused SILU GEMM on tc16 gave wrong rows now and then on the
+        # H100 at K = 3584, N = 2 x 18944, M = 64 (rel. err 6e-3 and 1e7 in two runs; il4 and the unfused halves
+        # were right in the same runs; docs/PERF.md round 6). The loader never gives gate+up tc16, so this is
+        # the API's path only.
+        if norm_weight is not None:
+            from .rmsnorm import rms_norm_launch
+            x2 = rms_norm_launch(x2, norm_weight, eps)
+        zg, zu = (None, None) if zeros is None else (zeros[:n_out], zeros[n_out:])
+        g = _launch(x2, qweight[:n_out], scales[:n_out], zg, None, encoding, block_size, k, False, layout=layout)
+        u = _launch(x2, qweight[n_out:], scales[n_out:], zu, None, encoding, block_size, k, False, layout=layout)
+        return (torch.nn.functional.silu(g.float()) * u.float()).to(x.dtype).reshape(*lead, n_out)
 
     w32 = None
     if m == 1 and il:
