@@ -1,0 +1,179 @@
+"""Compile every Triton kernel qrun launches on CUDA, in the variants and configs the launchers can pick, for
+sm_90 ahead of time, on a machine without a GPU (triton's bundled ptxas). It finds what the interpreter
+cannot: front-end limits of the triton on the device (round 6, docs/PERF.md: a tl.dot of depth 8 that
+triton 3.9 compiled and the device's triton 3.6 refused), register overflow, ptxas errors.
+
+The device runs triton 3.6; CI and this machine 3.9. To check against the device's version here:
+
+    pip download --no-deps triton==3.6.0 -d /tmp/tri36 && pip install --no-deps --target /tmp/t36 /tmp/tri36/*.whl
+    PYTHONPATH=/tmp/t36 python3 benchmarks/compile_check.py [--only tc16,rope_attention]
+
+Prints one line per kernel family and the failures; exit status 1 when any variant fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qrun.kernels import ops  # noqa: E402
+from qrun.kernels.decode_attention import combine_kernel, decode_attention_kernel, rope_attention_kernel  # noqa: E402
+from qrun.kernels.gemm import gemm_kernel  # noqa: E402
+from qrun.kernels.gemv import gemv_kernel  # noqa: E402
+from qrun.kernels.gemv4 import gemv_int4_kernel  # noqa: E402
+from qrun.kernels.gemv_il import gemv_il4_kernel  # noqa: E402
+from qrun.kernels.gemv_tc import gemv_tc16_kernel  # noqa: E402
+from qrun.kernels.rmsnorm import rms_norm_kernel  # noqa: E402
+from qrun.kernels.rope_cache import rope_cache_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = {"eps", "scale"}
+
+
+def compile_one(kernel, types: dict, const: dict, num_warps: int = 4, num_stages: int = 3):
+    """kernel's runtime arguments typed by name (pointers "*bf16" ..., the rest i32 or fp32 by default);
+    const: its constexpr arguments, defaults filled in from the signature."""
+    sig, consts = {}, {}
+    for name, p in zip(kernel.arg_names, kernel.params):
+        if p.is_constexpr:
+            consts[name] = const[name] if name in const else p.default
+            sig[name] = "constexpr"
+        else:
+            sig[name] = types.get(name, "fp32" if name in FLOATS else "i32")
+    # pointers 16-byte aligned, as torch allocates them and triton specializes them at launch
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n].startswith("*")}
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=TARGET,
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptrs(names, dt, **override):
+    return {n: override.get(n, f"*{dt}") for n in names}
+
+
+def tc16_variants():
+    base = ("x32_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "res_ptr", "y_ptr")
+    for c in ops._tc16_candidates(every=True):
+        for enc, f16, silu, extra, kfull, pdl in ((s, f, sl, e, kf, p) for s, f, sl, e, kf, p in (
+                ("int4_sym", False, False, False, True, False), ("int4_asym", True, False, True, False, True),
+                ("int4_sym", False, True, False, True, True))):
+            dt = "fp16" if f16 else "bf16"
+            yield (gemv_tc16_kernel, ptrs(base, dt, x32_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8"),
+                   dict(ENC=enc, B=128, HAS_BIAS=extra, SILU=silu, HAS_RES=extra, F16=f16, KFULL=kfull,
+                        WARPS=c["WARPS"], DEEP=c["DEEP"], CG=c["CG"], PDL=pdl, INTERPRET=False),
+                   c["num_warps"], c["num_stages"])
+
+
+VARIANTS = (("int4_sym", False, False, False, False), ("int4_asym", True, False, True, True),
+            ("int4_sym", False, True, True, True))
+
+
+def il4_variants():
+    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr")
+    # (encoding, SILU, bias + residual, RMSNorm, PDL): as the launcher combines them (SILU never has a bias)
+    for c, (enc, silu, extra, norm, pdl) in itertools.product(ops._il4_candidates(28), VARIANTS):
+        c = dict(c)
+        nw, ns = c.pop("num_warps"), c.pop("num_stages", 1)
+        yield (gemv_il4_kernel, ptrs(base, "bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8"),
+               dict(ENC=enc, B=128, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, PDL=pdl,
+                    INTERPRET=False, **c), nw, ns)
+
+
+def gemv4_variants():
+    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr")
+    for c, (enc, silu, extra, norm, pdl) in itertools.product(ops._gemv4_candidates(128, 28), VARIANTS):
+        c = dict(c)
+        nw, ns = c.pop("num_warps"), c.pop("num_stages", 1)
+        per_sm = c.pop("PER_SM", 0)
+        yield (gemv_int4_kernel, ptrs(base, "bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8"),
+               dict(ENC=enc, B=128, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, PERSIST=per_sm > 0,
+                    PDL=pdl, INTERPRET=False, **c), nw, ns)
+
+
+def gemv_variants():
+    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "code_ptr", "bias_ptr", "y_ptr")
+    for enc in ("int8_sym", "nf4", "int4_sym"):
+        for c in ops._gemv_candidates(enc, 128, 28):
+            c = dict(c)
+            nw, ns = c.pop("num_warps"), c.pop("num_stages", 1)
+            yield (gemv_kernel, ptrs(base, "bf16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
+                   dict(ENC=enc, B=128, HAS_BIAS=True, SILU=enc == "int4_sym", INTERPRET=False, **c), nw, ns)
+
+
+def gemm_variants():
+    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "code_ptr", "bias_ptr", "y_ptr")
+    for m, lay, (enc, silu) in itertools.product((3, 64, 1024), (0, 1, 2), (("int4_sym", False),
+                                                                           ("int4_asym", True))):
+        for c in ops._gemm_candidates(m, 128):
+            c = dict(c)
+            nw, ns = c.pop("num_warps"), c.pop("num_stages")
+            yield (gemm_kernel, ptrs(base, "bf16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
+                   dict(ENC=enc, B=128, HAS_BIAS=not silu, SILU=silu, SPLIT_K=1 if silu or m > 64 else 4,
+                        LAY=lay, INTERPRET=False, **c), nw, ns)
+    for c in ops._gemm_candidates(64, 128):  # int8 and nf4 have only the canonical layout
+        c = dict(c)
+        nw, ns = c.pop("num_warps"), c.pop("num_stages")
+        for enc in ("int8_sym", "nf4"):
+            yield (gemm_kernel, ptrs(base, "fp16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
+                   dict(ENC=enc, B=128, HAS_BIAS=False, SILU=False, SPLIT_K=1, LAY=0, INTERPRET=False, **c), nw, ns)
+
+
+def attention_variants():
+    # head_dim 16 (the tests' tiny configs), 64 (Qwen2-0.5B, SmolLM2), 128 (Qwen2.5-7B); float32 and bf16
+    for hd, dt, g, nsplit in ((16, "fp32", 2, 2), (64, "bf16", 7, 1), (64, "bf16", 3, 16), (128, "bf16", 7, 64),
+                              (128, "fp16", 1, 4)):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        gp = max(16, triton.next_power_of_2(g))
+        att = dict(G=g, GP=gp, HD=hd, BLOCK_S=64, NSPLIT=nsplit, INTERPRET=False, PREC=prec)
+        yield (rope_attention_kernel,
+               ptrs(rope_attention_kernel.arg_names[:11], dt, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
+                    cnt_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32"), dict(att, PDL=True), 4, 3)
+        yield (decode_attention_kernel,
+               ptrs(decode_attention_kernel.arg_names[:8], dt, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32",
+                    o_ptr="*fp32"), dict(att, PDL=True), 4, 3)
+        yield (combine_kernel, ptrs(("m_ptr", "l_ptr", "o_ptr", "y_ptr"), "fp32", y_ptr=f"*{dt}"),
+               dict(HD=hd, NSPLIT=max(nsplit, 2), PDL=True), 1, 3)
+        yield (rope_cache_kernel, ptrs(rope_cache_kernel.arg_names[:7], dt, cos_ptr="*fp32", sin_ptr="*fp32",
+                                       pos_ptr="*i64"), dict(HD=hd, INTERPRET=False, PDL=True), 1, 3)
+    for dt, block in (("bf16", 1024), ("fp32", 4096)):
+        yield (rms_norm_kernel, ptrs(("x_ptr", "w_ptr", "y_ptr"), dt), dict(BLOCK=block, INTERPRET=False, PDL=True),
+               4, 3)
+
+
+FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "gemv4": gemv4_variants, "gemv": gemv_variants,
+            "gemm": gemm_variants, "attention": attention_variants}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(FAMILIES), help="comma-separated families: " + ",".join(FAMILIES))
+    a = ap.parse_args()
+    print(f"triton {triton.__version__}, target sm_90", flush=True)
+    failed = 0
+    for fam in a.only.split(","):
+        t, n, bad = time.perf_counter(), 0, []
+        for kernel, types, const, nw, ns in FAMILIES[fam]():
+            n += 1
+            try:
+                compile_one(kernel, types, const, nw, ns)
+            except Exception as e:  # noqa: BLE001 (report every failing variant, then fail)
+                msg = str(e).strip().splitlines()
+                bad.append(f"  {kernel.fn.__name__} {const} warps={nw}: {msg[-1] if msg else type(e).__name__}")
+        print(f"{fam:10s} {n - len(bad):3d}/{n:<3d} compiled  {time.perf_counter() - t:6.1f} s", flush=True)
+        for line in bad:
+            print(line, flush=True)
+        failed += len(bad)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
