@@ -50,8 +50,10 @@ def compile_one(kernel, types: dict, const: dict, num_warps: int = 4, num_stages
             sig[name] = "constexpr"
         else:
             sig[name] = types.get(name, "fp32" if name in FLOATS else "i32")
-    # pointers 16-byte aligned, as torch allocates them and triton specializes them at launch
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n].startswith("*")}
+    # pointers 16-byte aligned as torch allocates them, and sizes and strides multiples of 16 as at the models'
+    # shapes: triton specializes both at launch, and vector widths (hence what the pipeliner takes) follow
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n].startswith("*") or sig[n] == "i32"}
     return triton.compile(ASTSource(kernel, sig, consts, attrs), target=TARGET,
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
