@@ -55,12 +55,13 @@ def compile_il4(r4, g, warps, silu=False, norm=False, res=False, pdl=False, enc=
 
 def compile_tc16(warps, deep, silu=False, res=False, pdl=False, enc="int4_sym"):
     sig = {n: t for n, t in zip(
-        ("x32_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "res_ptr", "y_ptr", "N_OUT", "K", "NB", "NQ"),
-        ("*i32", "*i32", "*fp16", "*fp16", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32"))}
-    const = dict(ENC=enc, B=128, HAS_BIAS=False, SILU=silu, HAS_RES=res, F16=False, KFULL=True, WARPS=warps, DEEP=deep, CG=False,
+        ("x32_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "res_ptr", "y_ptr", "part_ptr", "cnt_ptr", "N_OUT", "K",
+         "NB", "NQ"),
+        ("*i32", "*i32", "*fp16", "*fp16", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32", "i32", "i32", "i32"))}
+    const = dict(ENC=enc, B=128, HAS_BIAS=False, SILU=silu, HAS_RES=res, F16=False, KFULL=True, WARPS=warps, DEEP=deep, CG=False, SPLIT=1,
                  PDL=pdl, INTERPRET=False)
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}
     return triton.compile(ASTSource(gemv_tc16_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=1))
 

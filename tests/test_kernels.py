@@ -82,6 +82,12 @@ def cases():
     for enc in ("int4_sym", "int4_asym"):
         out.append((f"tc16-fp16-{enc}-gemv", dict(enc=enc, b=128, m=1, n=16, k=300, dtype="float16", bias=True,
                                                   silu=False, layout="tc16")))
+    # split-K (2 programs a tile, the last to arrive sums the partials): plain, with bias + residual, gate+up;
+    # K = 300 leaves the second program with fewer quads than the first
+    for name, c in (("plain", dict(enc="int4_sym", b=64, n=48, k=300, bias=False, silu=False)),
+                    ("bias-res", dict(enc="int4_asym", b=128, n=32, k=300, bias=True, res=True, silu=False)),
+                    ("silu", dict(enc="int4_sym", b=64, n=2 * 32, k=520, bias=False, silu=True))):
+        out.append((f"tc16-split2-{name}", dict(c, m=1, dtype="bfloat16", layout="tc16", split=2)))
     out.append(("tc16-fp32-gemv", dict(enc="int4_sym", b=64, m=1, n=16, k=128, dtype="float32", bias=False,
                                        silu=False, res=True, layout="tc16")))
     return out
@@ -100,6 +106,7 @@ def _run_cases() -> dict:
     torch.manual_seed(0)
     res = {}
     for name, c in cases():
+        os.environ["QRUN_TC16_SPLIT"] = str(c.get("split", 1))  # ops reads it per launch under the interpreter
         dtype = getattr(torch, c["dtype"])
         qt = quantize(torch.randn(c["n"], c["k"]), c["enc"], c["b"])
         p = qt.parts

@@ -243,7 +243,7 @@ def test_chain_tuner_picks_a_candidate_and_leaves_results_right(enc):
                                  (896, 9728)])
 def test_tc16_layout_every_config(enc, k, n):
     # The tensor-core GEMV (its mma fragments rely on the lane each element of a 1-D tensor lands in, which
-    # only the GPU shows): every candidate config, with bias and residual, after the RMSNorm kernel, as the
+    # only the GPU shows): every candidate config (split-K ones too), with bias and residual, after the RMSNorm kernel, as the
     # fused gate+up, in fp16; the GEMM's tc16 addressing at M = 3 and 64.
     import qrun.kernels.ops as ops
     from qrun.kernels.layout import to_tc16
@@ -280,6 +280,8 @@ def test_tc16_layout_every_config(enc, k, n):
             _check(y, xh.double() @ wh.T)
     finally:
         ops._tc16_candidates = orig
+    # the split-K configs' arrival counters are back at zero for the next launch
+    assert all(int(t.abs().sum()) == 0 for t in ops._counters.values())
     for m in (3, 64):
         xm = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         _poison((m, n), torch.bfloat16)

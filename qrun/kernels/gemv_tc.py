@@ -13,7 +13,8 @@ second mma of an all-ones A against the same B, which gives sum(x) over the chun
     sum_k q_k x_k = D - off * E,  off = 136 (bf16, sym) or 128 + z (asym); 1032 / 1024 + z with fp16.
 
 Program: one tile of 16 output rows (SILU: and the matching 16 up rows), WARPS warps splitting K by quads of 64
-k (warp w takes quads w, w + WARPS, ...). Every tensor is 1-D of WARPS * 32 elements, one per thread, the
+k (warp w takes quads w, w + WARPS, ...; with SPLIT programs a tile, program s's warp w takes s WARPS + w, then
+every WARPS SPLIT quads, and the last to finish adds up the partials). Every tensor is 1-D of WARPS * 32 elements, one per thread, the
 layout Triton gives a 1-D tensor of that size; element i is lane i % 32 of warp i // 32, which the mma's
 fragment positions rely on (the GPU tests would fail otherwise). A lane's words, x pairs and scales are each
 loaded as such a tensor, 4 bytes a lane: each warp load instruction reads 128 contiguous bytes.
@@ -173,23 +174,29 @@ def _load_x(x32_ptr, xb, q, NQ, K2, KFULL: tl.constexpr):
 def gemv_tc16_kernel(
     # pointers: x (K,) as int32 pairs, words (N/16, NQ, 4, 32) int32, scales and zeros (N/16, NB, 16) (zeros or
     # dummy), bias (N_OUT,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,)
-    x32_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr,
+    # SPLIT > 1: partials (N/16 tiles, SPLIT, 2 halves, 16 rows) float32 and arrival counters (N/16,) int32,
+    # zero between launches (dummies otherwise)
+    x32_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr, part_ptr, cnt_ptr,
     N_OUT, K, NB, NQ,
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_RES: tl.constexpr,
     F16: tl.constexpr, KFULL: tl.constexpr, WARPS: tl.constexpr, DEEP: tl.constexpr = False,
-    CG: tl.constexpr = False, PDL: tl.constexpr = False,
+    CG: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
     INTERPRET: tl.constexpr = False,
 ):
-    """Program p: output rows 16 p .. 16 p + 15 (SILU: and up rows N_OUT + 16 p ..; y = silu(gate) * up).
+    """Program (p, s): output rows 16 p .. 16 p + 15 (SILU: and up rows N_OUT + 16 p ..; y = silu(gate) * up),
+    over the quads s WARPS + w, (s + SPLIT) WARPS + w, ... of its warps w.
     KFULL: K = Kp (= 64 NQ), x needs no mask. DEEP: weights and x two steps ahead instead of one. CG: weights
-    bypass L1. PDL: the first step's weights are loaded before waiting on
-    the previous kernel (pdl.py); x only after."""
+    bypass L1. SPLIT: programs per tile along K, for short-N shapes that have fewer tiles than SMs (Qwen2-0.5B:
+    56): each stores its partial sums, and the last of a tile to arrive (an acq_rel counter, as in
+    rope_attention_kernel) adds them up, does the epilogue and resets the counter. PDL: the first step's
+    weights are loaded before waiting on the previous kernel (pdl.py); x only after."""
     SYM: tl.constexpr = ENC == "int4_sym"
     T: tl.constexpr = WARPS * 32
+    STRIDE: tl.constexpr = WARPS * SPLIT  # quads between a warp's steps
     i = tl.arange(0, T)
     lane = i % 32
-    q = i // 32                     # this warp's first quad
     tile = tl.program_id(0)
+    q = tl.program_id(1) * WARPS + i // 32  # this warp's first quad
     wb = tile * (NQ * 128) + lane
     sb = tile * (NB * 16) + lane // 4
     xb = (lane % 4) * 8
@@ -202,24 +209,24 @@ def gemv_tc16_kernel(
         u0, u1, u2, u3 = _load_w(w_ptr, ub, q, NQ, CG)
         us_lo, us_hi, uo_lo, uo_hi = _load_s(s_ptr, z_ptr, usb, q, NQ, B, ENC, F16)
     if DEEP:  # the second step's weights too, before waiting
-        v0, v1, v2, v3 = _load_w(w_ptr, wb, q + WARPS, NQ, CG)
-        vs_lo, vs_hi, vo_lo, vo_hi = _load_s(s_ptr, z_ptr, sb, q + WARPS, NQ, B, ENC, F16)
+        v0, v1, v2, v3 = _load_w(w_ptr, wb, q + STRIDE, NQ, CG)
+        vs_lo, vs_hi, vo_lo, vo_hi = _load_s(s_ptr, z_ptr, sb, q + STRIDE, NQ, B, ENC, F16)
         if SILU:
-            uv0, uv1, uv2, uv3 = _load_w(w_ptr, ub, q + WARPS, NQ, CG)
-            uvs_lo, uvs_hi, uvo_lo, uvo_hi = _load_s(s_ptr, z_ptr, usb, q + WARPS, NQ, B, ENC, F16)
-    AHEAD: tl.constexpr = 2 * WARPS if DEEP else WARPS
+            uv0, uv1, uv2, uv3 = _load_w(w_ptr, ub, q + STRIDE, NQ, CG)
+            uvs_lo, uvs_hi, uvo_lo, uvo_hi = _load_s(s_ptr, z_ptr, usb, q + STRIDE, NQ, B, ENC, F16)
+    AHEAD: tl.constexpr = 2 * STRIDE if DEEP else STRIDE
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(x32_ptr, xb, q, NQ, K2, KFULL)
     if DEEP:  # x two steps ahead as well: its L2 latency under the weight stream is what one step ahead left
-        v_x0, v_x1, v_x2, v_x3, v_x4, v_x5, v_x6, v_x7 = _load_x(x32_ptr, xb, q + WARPS, NQ, K2, KFULL)
+        v_x0, v_x1, v_x2, v_x3, v_x4, v_x5, v_x6, v_x7 = _load_x(x32_ptr, xb, q + STRIDE, NQ, K2, KFULL)
     acc_lo = tl.zeros((T,), tl.float32)
     acc_hi = tl.zeros((T,), tl.float32)
     if SILU:
         uacc_lo = tl.zeros((T,), tl.float32)
         uacc_hi = tl.zeros((T,), tl.float32)
-    for _ in range(0, tl.cdiv(NQ, WARPS)):
+    for _ in range(0, tl.cdiv(NQ, STRIDE)):
         n0, n1, n2, n3 = _load_w(w_ptr, wb, q + AHEAD, NQ, CG)
         ns_lo, ns_hi, no_lo, no_hi = _load_s(s_ptr, z_ptr, sb, q + AHEAD, NQ, B, ENC, F16)
         if SILU:
@@ -247,7 +254,7 @@ def gemv_tc16_kernel(
             v_x0, v_x1, v_x2, v_x3, v_x4, v_x5, v_x6, v_x7 = y0, y1, y2, y3, y4, y5, y6, y7
         else:
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
-        q += WARPS
+        q += STRIDE
     # the warps' K shares summed per lane; lane (r, c) then holds rows r and r + 8 (the 4 lanes c alike)
     lo = tl.sum(tl.reshape(acc_lo, (WARPS, 32)), axis=0)                              # (32,)
     hi = tl.sum(tl.reshape(acc_hi, (WARPS, 32)), axis=0)
@@ -255,11 +262,40 @@ def gemv_tc16_kernel(
     rows = tl.join(tile * 16 + ln // 4, tile * 16 + ln // 4 + 8)                      # (32, 2)
     out = tl.join(lo, hi)
     smask = (ln % 4 == 0)[:, None] & (rows < N_OUT)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rows, mask=smask, other=0.0).to(tl.float32)
     if SILU:
         up = tl.join(tl.sum(tl.reshape(uacc_lo, (WARPS, 32)), axis=0),
                      tl.sum(tl.reshape(uacc_hi, (WARPS, 32)), axis=0))
+    else:
+        up = out  # unused
+    if SPLIT == 1:
+        _tc16_epilogue(out, up, rows, smask, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, HAS_RES,
+                       INTERPRET)
+    else:
+        # partial [tile, split, half, row in tile]: half 0 the gate (or only) rows, half 1 the up rows
+        pp = part_ptr + (tile * SPLIT) * 32 + (rows - tile * 16)                       # (32, 2)
+        tl.store(pp + tl.program_id(1) * 32, out, mask=smask)
+        if SILU:
+            tl.store(pp + tl.program_id(1) * 32 + 16, up, mask=smask)
+        tl.debug_barrier()  # every thread's partials before the counter's release
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:  # the last program of this tile: the sum of the SPLIT partials, the epilogue
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+            tot = tl.zeros((32, 2), tl.float32)
+            utot = tl.zeros((32, 2), tl.float32)
+            for sp in tl.static_range(SPLIT):  # in split order: the sum does not depend on who came last
+                tot += tl.load(pp + sp * 32, mask=smask, other=0.0, cache_modifier=".cg")
+                if SILU:
+                    utot += tl.load(pp + sp * 32 + 16, mask=smask, other=0.0, cache_modifier=".cg")
+            _tc16_epilogue(tot, utot, rows, smask, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, HAS_RES, INTERPRET)
+
+
+@triton.jit
+def _tc16_epilogue(out, up, rows, smask, bias_ptr, res_ptr, y_ptr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                   HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
+    """out, up (32, 2) float32 sums of rows `rows` -> y: + bias, silu(out) * up, + residual."""
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=smask, other=0.0).to(tl.float32)
+    if SILU:
         out = out / (1.0 + tl.exp(-out)) * up
     if HAS_RES:
         out += tl.load(res_ptr + rows, mask=smask, other=0.0).to(tl.float32)

@@ -187,6 +187,17 @@ def _il4_candidates(nb):
 
 
 TC16_ALL = os.environ.get("QRUN_TC16_ALL", "0") == "1"
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """int32 arrival counters, one per 16-row tile, shared by every split-K tc16 launch on the device: each
+    kernel leaves them at zero, and launches on one stream do not overlap where they touch them (PDL lets a
+    kernel start early, but it waits for its predecessor before its first counter access)."""
+    t = _counters.get(device)
+    if t is None or t.numel() < tiles:
+        t = _counters[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+    return t[:tiles]
 
 
 def _tc16_candidates(every: bool | None = None):
@@ -196,12 +207,15 @@ def _tc16_candidates(every: bool | None = None):
     # The DEEP and CG variants (x two steps ahead, weights past L1) are written after the last device run and
     # not yet checked on a GPU: only with every=True / QRUN_TC16_ALL=1 (the GPU tests and kernels.py --sweep
     # take them all).
+    # SPLIT (programs a tile along K, for shapes with fewer tiles than SMs) is not yet checked on a GPU either.
     every = TC16_ALL if every is None else every
-    out = [dict(WARPS=w, DEEP=bool(d), CG=bool(cg), num_warps=w, num_stages=1)
-           for w, d, cg in ((16, 0, 0), (8, 0, 0), (32, 0, 0), (4, 0, 0), (16, 1, 0), (8, 1, 0), (16, 1, 1),
-                            (8, 1, 1)) if every or not (d or cg)]
-    if INTERPRET:
-        out = [dict(WARPS=2, DEEP=True, CG=True, num_warps=2, num_stages=1)]
+    out = [dict(WARPS=w, DEEP=bool(d), CG=bool(cg), SPLIT=sp, num_warps=w, num_stages=1)
+           for w, d, cg, sp in ((16, 0, 0, 1), (8, 0, 0, 1), (32, 0, 0, 1), (4, 0, 0, 1), (16, 1, 0, 1),
+                                (8, 1, 0, 1), (16, 1, 1, 1), (8, 1, 1, 1), (16, 0, 0, 2), (16, 0, 0, 4),
+                                (8, 0, 0, 4), (8, 0, 0, 8)) if every or not (d or cg or sp > 1)]
+    if INTERPRET:  # QRUN_TC16_SPLIT: the interpreter tests' way to run the split-K path
+        out = [dict(WARPS=2, DEEP=True, CG=True, SPLIT=int(os.environ.get("QRUN_TC16_SPLIT", 1)), num_warps=2,
+                    num_stages=1)]
     return out
 
 
@@ -321,8 +335,14 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         flags["KFULL"] = k == nq * 64
 
         def launch(c, w, s, zz, out=y):
-            LAST["gemv"] = gemv_tc16_kernel[(n_out // 16,)](x32, w, s, zz, b, res, out, n_out, k, nb, nq, **flags,
-                                                             **kw, **c)
+            split = c.get("SPLIT", 1)
+            if split > 1:  # partials of each tile's K shares; the counters stay zero between launches
+                part = torch.empty(n_out // 16 * split * 32, dtype=torch.float32, device=x.device)
+                cnt = _tile_counters(x.device, n_out // 16)
+            else:
+                part = cnt = scales
+            LAST["gemv"] = gemv_tc16_kernel[(n_out // 16, split)](x32, w, s, zz, b, res, out, part, cnt, n_out, k,
+                                                                  nb, nq, **flags, **kw, **c)
         words = qweight.view(torch.int32)  # to_tc16 made it contiguous
         cfg = LAST["gemv_cfg"] = _pick_chain((dev, "gemv_tc16") + common, _tc16_candidates(), launch,
                                              (words, scales, z))
