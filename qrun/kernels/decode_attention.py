@@ -23,6 +23,44 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _attend_slice(q, kbase, vbase, start, end, scale, bh, rmask, split, m_ptr, l_ptr, o_ptr, y_ptr,
+                  GP: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr,
+                  INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of q (GP, HD) over cache positions [start, end) of one KV head (kbase / vbase: its
+    (S, HD) caches); rows bh = b * H + head. NSPLIT == 1: the normalised output into y (B, H * HD); else the
+    slice's partials (max, sum, unnormalised output) into m / l (B, H, NSPLIT) and o (B, H, NSPLIT, HD).
+    PREC "ieee" for float32 caches (tests, CPU-parity runs): tl.dot would otherwise round to tf32."""
+    d = tl.arange(0, HD)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, HD), tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < end
+        k = tl.load(kbase + s[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)  # (BLOCK_S, HD)
+        v = tl.load(vbase + s[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
+        if INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.9): float32 there
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (GP, BLOCK_S)
+        sc = tl.where(smask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    if NSPLIT == 1:  # one slice: normalise here, no combine
+        tl.store(y_ptr + bh[:, None] * HD + d[None, :], (acc / l_i[:, None]).to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None])
+    else:
+        out = bh * NSPLIT + split
+        tl.store(m_ptr + out, m_i, mask=rmask)
+        tl.store(l_ptr + out, l_i, mask=rmask)
+        tl.store(o_ptr + out[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
+
+
+@triton.jit
 def decode_attention_kernel(
     # pointers: q (B, H, HD), caches (B', KV, S, HD), position (1,) int64, partials m/l (B, H, NSPLIT),
     # o (B, H, NSPLIT, HD) float32, y (B, H * HD) (written directly when NSPLIT == 1)
@@ -50,37 +88,10 @@ def decode_attention_kernel(
     q = tl.load(q_ptr + (b * H + heads)[:, None] * HD + d[None, :], mask=rmask[:, None], other=0.0)
     if INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.9): do it in float32 there
         q = q.to(tl.float32)
-    m_i = tl.full((GP,), float("-inf"), tl.float32)
-    l_i = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, HD), tl.float32)
     kbase = k_ptr + bk.to(tl.int64) * S * HD
     vbase = v_ptr + bk.to(tl.int64) * S * HD
-    for s0 in range(start, end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        smask = s < end
-        k = tl.load(kbase + s[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
-        v = tl.load(vbase + s[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
-        if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        # float32 caches (tests, CPU-parity runs) get exact fp32 dots; tl.dot would otherwise round to tf32
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (GP, BLOCK_S)
-        sc = tl.where(smask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    if NSPLIT == 1:  # one slice: normalise here and skip the combine kernel (y_ptr: (B, H * HD))
-        y = acc / l_i[:, None]
-        tl.store(y_ptr + (b * H + heads)[:, None] * HD + d[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None])
-    else:
-        out = (b * H + heads) * NSPLIT + split
-        tl.store(m_ptr + out, m_i, mask=rmask)
-        tl.store(l_ptr + out, l_i, mask=rmask)
-        tl.store(o_ptr + out[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
+    _attend_slice(q, kbase, vbase, start, end, scale, b * H + heads, rmask, split, m_ptr, l_ptr, o_ptr, y_ptr,
+                  GP, HD, BLOCK_S, NSPLIT, INTERPRET, PREC)
 
 
 @triton.jit
@@ -208,33 +219,9 @@ def rope_attention_kernel(
         tl.debug_barrier()  # the loop below reads them back from other threads
     if INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.9): float32 there
         q = q.to(tl.float32)
-    m_i = tl.full((GP,), float("-inf"), tl.float32)
-    l_i = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, HD), tl.float32)
-    for s0 in range(start, end, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        smask = sp < end
-        k = tl.load(kbase + sp[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)     # (BLOCK_S, HD)
-        v = tl.load(vbase + sp[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
-        if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale                            # (GP, BLOCK_S)
-        sc = tl.where(smask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    if NSPLIT == 1:
-        tl.store(y_ptr + (b * H + heads)[:, None] * HD + d[None, :], (acc / l_i[:, None]).to(dt),
-                 mask=rmask[:, None])
-    else:
-        out = (b * H + heads) * NSPLIT + split
-        tl.store(m_ptr + out, m_i, mask=rmask)
-        tl.store(l_ptr + out, l_i, mask=rmask)
-        tl.store(o_ptr + out[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
+    _attend_slice(q, kbase, vbase, start, end, scale, b * H + heads, rmask, split, m_ptr, l_ptr, o_ptr, y_ptr,
+                  GP, HD, BLOCK_S, NSPLIT, INTERPRET, PREC)
+    if NSPLIT > 1:
         tl.debug_barrier()  # every thread's partials before the counter's release
         arrived = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel", scope="gpu")
         if arrived == NSPLIT - 1:  # the last slice of this KV head: combine its G heads
