@@ -65,9 +65,10 @@ def ptrs(names, dt, **override):
 def tc16_variants():
     base = ("x32_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "res_ptr", "y_ptr", "part_ptr", "cnt_ptr")
     for c in ops._tc16_candidates(every=True):
-        for enc, f16, silu, extra, kfull, pdl in ((s, f, sl, e, kf, p) for s, f, sl, e, kf, p in (
-                ("int4_sym", False, False, False, True, False), ("int4_asym", True, False, True, False, True),
-                ("int4_sym", False, True, False, True, True))):
+        # (encoding, fp16, SILU, bias + residual, KFULL, PDL)
+        for enc, f16, silu, extra, kfull, pdl in (("int4_sym", False, False, False, True, False),
+                                                  ("int4_asym", True, False, True, False, True),
+                                                  ("int4_sym", False, True, False, True, True)):
             dt = "fp16" if f16 else "bf16"
             yield (gemv_tc16_kernel, ptrs(base, dt, x32_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
                                           part_ptr="*fp32", cnt_ptr="*i32"),

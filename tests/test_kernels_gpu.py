@@ -243,8 +243,8 @@ def test_chain_tuner_picks_a_candidate_and_leaves_results_right(enc):
                                  (896, 9728)])
 def test_tc16_layout_every_config(enc, k, n):
     # The tensor-core GEMV (its mma fragments rely on the lane each element of a 1-D tensor lands in, which
-    # only the GPU shows): every candidate config (split-K ones too), with bias and residual, after the RMSNorm kernel, as the
-    # fused gate+up, in fp16; the GEMM's tc16 addressing at M = 3 and 64.
+    # only the GPU shows): every candidate config (split-K ones too), with bias and residual, after the RMSNorm
+    # kernel, as the fused gate+up, in fp16; the GEMM's tc16 addressing at M = 3 and 64.
     import qrun.kernels.ops as ops
     from qrun.kernels.layout import to_tc16
     torch.manual_seed(k * 5 + n)

@@ -14,9 +14,9 @@ second mma of an all-ones A against the same B, which gives sum(x) over the chun
 
 Program: one tile of 16 output rows (SILU: and the matching 16 up rows), WARPS warps splitting K by quads of 64
 k (warp w takes quads w, w + WARPS, ...; with SPLIT programs a tile, program s's warp w takes s WARPS + w, then
-every WARPS SPLIT quads, and the last to finish adds up the partials). Every tensor is 1-D of WARPS * 32 elements, one per thread, the
-layout Triton gives a 1-D tensor of that size; element i is lane i % 32 of warp i // 32, which the mma's
-fragment positions rely on (the GPU tests would fail otherwise). A lane's words, x pairs and scales are each
+every WARPS SPLIT quads, and the last to finish adds up the partials). Every tensor is 1-D of WARPS * 32
+elements, one per thread, the layout Triton gives a 1-D tensor of that size; element i is lane i % 32 of warp
+i // 32, which the mma's fragment positions rely on (the GPU tests would fail otherwise). A lane's words, x pairs and scales are each
 loaded as such a tensor, 4 bytes a lane: each warp load instruction reads 128 contiguous bytes.
 Under TRITON_INTERPRET=1 (no inline asm) `_mma_ref` computes the same sums with tensor ops.
 """
@@ -268,8 +268,7 @@ def gemv_tc16_kernel(
     else:
         up = out  # unused
     if SPLIT == 1:
-        _tc16_epilogue(out, up, rows, smask, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, HAS_RES,
-                       INTERPRET)
+        _tc16_epilogue(out, up, rows, smask, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, HAS_RES, INTERPRET)
     else:
         # partial [tile, split, half, row in tile]: half 0 the gate (or only) rows, half 1 the up rows
         pp = part_ptr + (tile * SPLIT) * 32 + (rows - tile * 16)                       # (32, 2)
