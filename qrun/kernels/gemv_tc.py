@@ -16,8 +16,9 @@ Program: one tile of 16 output rows (SILU: and the matching 16 up rows), WARPS w
 k (warp w takes quads w, w + WARPS, ...; with SPLIT programs a tile, program s's warp w takes s WARPS + w, then
 every WARPS SPLIT quads, and the last to finish adds up the partials). Every tensor is 1-D of WARPS * 32
 elements, one per thread, the layout Triton gives a 1-D tensor of that size; element i is lane i % 32 of warp
-i // 32, which the mma's fragment positions rely on (the GPU tests would fail otherwise). A lane's words, x pairs and scales are each
-loaded as such a tensor, 4 bytes a lane: each warp load instruction reads 128 contiguous bytes.
+i // 32, which the mma's fragment positions rely on (the GPU tests would fail otherwise). A lane's words, x
+pairs and scales are each loaded as such a tensor, 4 bytes a lane: each warp load instruction reads 128
+contiguous bytes.
 Under TRITON_INTERPRET=1 (no inline asm) `_mma_ref` computes the same sums with tensor ops.
 """
 from __future__ import annotations
