@@ -151,6 +151,8 @@ def bench(path: str, device: str | None = None, prompt_len: int = 128, gen_len: 
            "peak_gpu_bytes_warmup": warmup_peak,
            "bytes_per_token": bpt, "achieved_gbps": bpt["total"] * decode_tok_s / batch / 1e9,
            "copy_gbps": copy_gbps}
+    from qrun.kernels import ops  # the configs the tuner picked in this process (decode speed depends on them)
+    out["kernel_configs"] = {repr(k): v for k, v in ops._tuned.items()}
     out["pct_of_copy"] = 100 * out["achieved_gbps"] / copy_gbps if copy_gbps == copy_gbps else None
     if compare_hf:
         del llm, model, step, ahead
