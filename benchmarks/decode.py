@@ -27,7 +27,8 @@ def qrun(*args: str, timeout: float = 300, env: dict | None = None) -> subproces
 ENVS = {"nopdl": {"QRUN_PDL": "0"}, "cap12m": {"QRUN_FUSE_MAX_WEIGHTS": "12000000"},
         "nofuse": {"QRUN_FUSE_NORM": "0"}, "rows": {"QRUN_LAYOUT": "rows"},
         "tc16": {"QRUN_LAYOUT": "tc16"}, "fattn": {"QRUN_FUSED_ATTN": "1"},
-        "tc16fattn": {"QRUN_LAYOUT": "tc16", "QRUN_FUSED_ATTN": "1"}, "attn64": {"QRUN_ATTN_SLICE": "64"}}
+        "tc16fattn": {"QRUN_LAYOUT": "tc16", "QRUN_FUSED_ATTN": "1"}, "attn64": {"QRUN_ATTN_SLICE": "64"},
+        "il4": {"QRUN_LAYOUT": "il4"}, "il4prefill1024": {"QRUN_LAYOUT": "il4"}}
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
-                    "graph,nopdl (graph without programmatic dependent launch),cap12m (RMSNorm/residual fused only into GEMVs of <= 12 M weights, the old default),nofuse (never fused),rows (canonical int4 layout, not il4 or tc16),tc16 (the tensor-core GEMV for o and down where they have a 16-row tile per SM),int4head (embed_tokens and lm_head int4 g128 too, like gpt-fast's int4),fattn (RoPE + cache write + attention + combine in one kernel),tc16fattn (tc16 and fattn),attn64 (attention slices of 64 cache positions),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
+                    "graph,nopdl (graph without programmatic dependent launch),cap12m (RMSNorm/residual fused only into GEMVs of <= 12 M weights, the old default),nofuse (never fused),rows (canonical int4 layout, not il4 or tc16),tc16 (the tensor-core GEMV for o and down where they have a 16-row tile per SM; the default since round 7),il4 and il4prefill1024 (graph and prefill1024 with QRUN_LAYOUT=il4, the default before round 7),int4head (embed_tokens and lm_head int4 g128 too, like gpt-fast's int4),fattn (RoPE + cache write + attention + combine in one kernel),tc16fattn (tc16 and fattn),attn64 (attention slices of 64 cache positions),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -63,6 +64,8 @@ def main() -> None:
                 ("sync", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--no-run-ahead"]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),
                 ("prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),
+                ("il4", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # no tc16
+                ("il4prefill1024", ["--prompt-len", "1024", "--gen-len", "16"]),
                 ("hf", ["--prompt-len", "128", "--gen-len", "64", "--compare", "hf"])]
         for label, extra in runs:
             if label not in a.runs.split(","):

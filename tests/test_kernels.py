@@ -58,6 +58,12 @@ def cases():
                                            bias=False, silu=True, norm=True, layout="il4")))
     out.append(("il4-silu-gemm", dict(enc="int4_asym", b=32, m=3, n=2 * 20, k=72, dtype="bfloat16", bias=False,
                                       silu=True, layout="il4")))
+    # the GEMM's il4 tiles at the GPU's K tiles (read in memory order, then permuted): 32 rows (n = 36: a
+    # partial second tile) x 64 k, 16 x 128 k, and the SILU GEMM's up half starting at row N_OUT
+    for tile, b, silu in (("32,64", 64, False), ("16,128", 128, False), ("32,64", 64, True)):
+        out.append((f"il4-gemm-tile{tile}{'-silu' * silu}", dict(
+            enc="int4_asym", b=b, m=3, n=72 if silu else 36, k=300, dtype="bfloat16", bias=not silu, silu=silu,
+            layout="il4", tile=tile)))
     out.append(("il4-fp16-gemv", dict(enc="int4_sym", b=128, m=1, n=24, k=300, dtype="float16", bias=True,
                                       silu=False, layout="il4")))
     # the "tc16" layout (16-row tiles for the tensor-core GEMV, made by to_tc16): its GEMV at M = 1 (the
@@ -88,6 +94,11 @@ def cases():
                     ("bias-res", dict(enc="int4_asym", b=128, n=32, k=300, bias=True, res=True, silu=False)),
                     ("silu", dict(enc="int4_sym", b=64, n=2 * 32, k=520, bias=False, silu=True))):
         out.append((f"tc16-split2-{name}", dict(c, m=1, dtype="bfloat16", layout="tc16", split=2)))
+    # the GEMM's tc16 tiles at the GPU's K tiles (whole 512-byte chunks, read contiguously): 32 rows x 64 k,
+    # 16 x 128 k (two chunks along K), with a partial last row tile (n = 48 is a tile and a half of 32)
+    for tile, b in (("32,64", 64), ("16,128", 128), ("32,128", 256)):
+        out.append((f"tc16-gemm-tile{tile}", dict(enc="int4_asym", b=b, m=3, n=48, k=300, dtype="bfloat16",
+                                                   bias=True, silu=False, layout="tc16", tile=tile)))
     out.append(("tc16-fp32-gemv", dict(enc="int4_sym", b=64, m=1, n=16, k=128, dtype="float32", bias=False,
                                        silu=False, res=True, layout="tc16")))
     return out
@@ -107,6 +118,7 @@ def _run_cases() -> dict:
     res = {}
     for name, c in cases():
         os.environ["QRUN_TC16_SPLIT"] = str(c.get("split", 1))  # ops reads it per launch under the interpreter
+        os.environ["QRUN_GEMM_TILE"] = c.get("tile", "16,32")
         dtype = getattr(torch, c["dtype"])
         qt = quantize(torch.randn(c["n"], c["k"]), c["enc"], c["b"])
         p = qt.parts

@@ -22,7 +22,49 @@ from .dequant import cast, int4_values, int8_values
 
 
 @triton.jit
-def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask, K, KP, stride_xm,
+def _tc16_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB: tl.constexpr):
+    """uint8 (BLOCK_N, BKB): packed bytes [row0 + n, kb0 + p] of a "tc16" weight, read in memory order and
+    put in (row, byte) order in registers. Why: gathering them at their (row, byte) addresses, as the other
+    layouts do, makes 2-byte loads (the layout's runs along K are 2 bytes), and the M = 1024 GEMM on tc16 ran
+    at 0.25x cuBLAS against il4's 0.45-0.6x (PERF.md round 7). In memory a tile of 16 rows x 32 bytes is 512
+    contiguous bytes [(p % 8) // 2, n % 8, (p % 32) // 8, (n % 16) // 8, p % 2] (layout.py); row0 is a
+    multiple of 16, kb0 of min(BKB, 32)."""
+    T: tl.constexpr = BLOCK_N // 16
+    C: tl.constexpr = (BKB + 31) // 32                # 512-byte chunks along K per 16 rows
+    NB8: tl.constexpr = BKB // C // 8                 # (p % 32) // 8 takes NB8 values (4 unless BKB < 32)
+    CH: tl.constexpr = 128 * NB8                      # bytes of one tile's chunk that this K tile reads
+    t = tl.arange(0, T)
+    e = tl.arange(0, CH)
+    if NB8 == 4:  # whole chunks: e is the byte offset itself, so the loads are contiguous and vectorize
+        eo = e
+    else:  # part of a chunk (BKB < 32, the interpreter's small tiles): [a, r, b, h, l] with b < NB8
+        eo = (e // (32 * NB8)) * 128 + ((e // (4 * NB8)) % 8) * 16 + ((kb0 % 32) // 8 + (e // 4) % NB8) * 4 \
+            + e % 4
+    off = (row0 // 16 + t)[:, None, None] * (16 * stride_wn) + \
+        ((kb0 // 32 + tl.arange(0, C)) * 512)[None, :, None] + eo[None, None, :]       # (T, C, CH)
+    tmask = (row0 + t * 16) < row_lim
+    q = tl.load(w_ptr + off, mask=tmask[:, None, None], other=0)
+    q = tl.reshape(q, (T, C, 4, 8, NB8, 2, 2))        # [t, c, a = (p%8)//2, r = n%8, b = (p%32)//8, h, l]
+    q = tl.permute(q, (0, 5, 3, 1, 4, 2, 6))          # [t, h, r, c, b, a, l]: n = 16t + 8h + r, p = 32c + 8b + 2a + l
+    return tl.reshape(q, (BLOCK_N, BKB))
+
+
+@triton.jit
+def _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB: tl.constexpr):
+    """uint8 (BLOCK_N, BKB): packed bytes [row0 + n, kb0 + p] of an "il4" weight, read in memory order (the
+    4 * BKB bytes of each 4-row group are contiguous: [p // 4, n % 4, p % 4]) and put in (row, byte) order in
+    registers. Why: gathered at their (row, byte) addresses they made 4-byte cp.async copies, 16-byte ones
+    this way. row0 and kb0 are multiples of 4."""
+    R: tl.constexpr = BLOCK_N // 4
+    g = tl.arange(0, R)
+    off = (row0 // 4 + g)[:, None] * (4 * stride_wn) + (kb0 // 4) * 16 + tl.arange(0, 4 * BKB)[None, :]
+    q = tl.load(w_ptr + off, mask=((row0 + 4 * g) < row_lim)[:, None], other=0)     # (R, 4 * BKB)
+    q = tl.permute(tl.reshape(q, (R, BKB // 4, 4, 4)), (0, 2, 1, 3))               # [g, n % 4, p // 4, p % 4]
+    return tl.reshape(q, (BLOCK_N, BKB))
+
+
+@triton.jit
+def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask, offs_m, mmask, K, KP, stride_xm,
                stride_wn, stride_sn, stride_zn,
                ENC: tl.constexpr, B: tl.constexpr, SPLIT_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
@@ -36,11 +78,11 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if LAY == 1:  # element [n, c] of an (N, C) part lives at [n // 4, c // e, n % 4, c % e] (e = 4 bytes, 1 scale)
-        wrow = (rows // 4) * (4 * stride_wn) + (rows % 4) * 4                    # (BLOCK_N,)
+        wrow = rows  # unused: _il4_tile reads the weight
         srow = (rows // 4) * (4 * stride_sn) + (rows % 4)
         zrow = (rows // 4) * (4 * stride_zn) + (rows % 4)
     elif LAY == 2:  # byte [n, p] at [n // 16, p // 32, (p % 8) // 2, n % 8, (p % 32) // 8, (n % 16) // 8, p % 2]
-        wrow = (rows // 16) * (16 * stride_wn) + (rows % 8) * 16 + ((rows % 16) // 8) * 2
+        wrow = rows  # unused: _tc16_tile reads the weight
         srow = (rows // 16) * (16 * stride_sn) + (rows % 16)                   # scales [n // 16, g, n % 16]
         zrow = (rows // 16) * (16 * stride_zn) + (rows % 16)
     else:
@@ -52,10 +94,11 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask,
         # KP is a multiple of B, and B of BLOCK_K: no mask along K for the weight.
         kb = k0 // (BLOCK_K // BKB) + offs_kb                                   # (BKB,) byte column
         if LAY == 1:
-            kb = (kb // 4) * 16 + kb % 4
+            q = _il4_tile(w_ptr, row0, row_lim, k0 // (BLOCK_K // BKB), stride_wn, BLOCK_N, BKB)
         elif LAY == 2:
-            kb = (kb // 32) * 512 + ((kb % 8) // 2) * 128 + ((kb % 32) // 8) * 4 + kb % 2
-        q = tl.load(w_ptr + wrow[:, None] + kb[None, :], mask=rmask[:, None], other=0)  # (BLOCK_N, BKB)
+            q = _tc16_tile(w_ptr, row0, row_lim, k0 // (BLOCK_K // BKB), stride_wn, BLOCK_N, BKB)
+        else:
+            q = tl.load(w_ptr + wrow[:, None] + kb[None, :], mask=rmask[:, None], other=0)  # (BLOCK_N, BKB)
         g = k0 // B
         if LAY == 1:
             g = g * 4
@@ -109,11 +152,13 @@ def gemm_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N_OUT
     mmask = offs_m < M
-    acc = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, offs_m, mmask, K, KP, stride_xm,
+    row0 = tl.program_id(0) * BLOCK_N
+    acc = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, N_OUT, rmask, offs_m, mmask, K, KP, stride_xm,
                      stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, LAY,
                      INTERPRET)
     if SILU:  # the launcher never combines SILU with SPLIT_K > 1 (silu is not additive)
-        up = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows + N_OUT, rmask, offs_m, mmask, K, KP,
+        up = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows + N_OUT, row0 + N_OUT, 2 * N_OUT, rmask, offs_m,
+                        mmask, K, KP,
                         stride_xm, stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M,
                         BLOCK_K, SWAP, LAY, INTERPRET)
         acc = acc / (1.0 + tl.exp(-acc)) * up

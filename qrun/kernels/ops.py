@@ -271,8 +271,9 @@ def _gemm_candidates(m, block_size):
                  num_stages=stages)
         if c not in out:
             out.append(c)
-    if INTERPRET:  # small tiles keep the interpreter fast
-        out = [dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=min(32, block_size), SWAP=m % 2 == 1, num_warps=4,
+    if INTERPRET:  # small tiles keep the interpreter fast; QRUN_GEMM_TILE="BN,BK": the tests' way to run others
+        bn, bk = (int(v) for v in os.environ.get("QRUN_GEMM_TILE", "16,32").split(","))
+        out = [dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_K=min(bk, block_size), SWAP=m % 2 == 1, num_warps=4,
                     num_stages=1)]
     return out
 
