@@ -3,7 +3,7 @@ the GPU. A diagnosis tool, not a timing: a config that is right once and wrong t
 spread of errors in its row. Round 6 (docs/PERF.md) found the fused gate+up GEMM on tc16 wrong now and then;
 QRUN_TC16_SILU_GEMM=1 puts that path back for this script to look at.
 
-    python3 benchmarks/gemm_configs.py [--repeats 3] [--shapes "7B gate+up,7B down"] [--ms 3,64,200]
+    python3 benchmarks/gemm_configs.py [--repeats 3] [--shapes "7B gate+up,7B down"] [--ms 3,64,200] [--every]
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ms", default="3,64,200")
     ap.add_argument("--layouts", default="il4,tc16")
+    ap.add_argument("--every", action="store_true", help="also the configs ops.py leaves out as known wrong")
     a = ap.parse_args()
     torch.manual_seed(0)
     orig = ops._gemm_candidates
@@ -47,8 +48,8 @@ def main() -> None:
                 ref = torch.nn.functional.silu(g) * u
             for lay in a.layouts.split(","):
                 pl = to_layout(lay, *p)
-                for c in orig(m, 128):
-                    ops._gemm_candidates = lambda *_, c=c: [c]
+                for c in orig(m, 128, lay, every=a.every):
+                    ops._gemm_candidates = lambda *_, c=c, **kw: [c]
                     ops._tuned.clear()
                     errs = []
                     for _ in range(a.repeats):

@@ -32,6 +32,7 @@ from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
 from qrun.kernels.layout import to_layout  # noqa: E402
 from qrun.kernels.reference import parts_of  # noqa: E402
 from qrun.quant import dequantize_parts, quantize  # noqa: E402
+from qrun.runtime.bench import copy_bandwidth as copy_bandwidth_eager  # noqa: E402
 
 SHAPES = [  # (model, K, N, gate+up?)
     ("0.5B qkv", 896, 1152, False), ("0.5B o", 896, 896, False), ("0.5B gate+up", 896, 9728, True),
@@ -48,12 +49,9 @@ LAYOUT = ["il4"]  # weight layout of ours for the current shape (set from --layo
 
 
 def layout_for(choice, name, n):
-    """--layout auto: what the loader gives int4 weights on CUDA, "tc16" for o and down (no norm in front) with
-    a 16-row tile per SM at least (the 7B shapes), "il4" for the rest."""
-    if choice != "auto":
-        return choice
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return "tc16" if name.endswith((" o", " down")) and n // 16 >= sms else "il4"
+    """--layout auto: what the loader gives int4 weights on CUDA by default, "il4" (QRUN_LAYOUT=tc16's choice
+    is --layout tc16 for o and down)."""
+    return "il4" if choice == "auto" else choice
 
 
 @triton.jit
@@ -105,18 +103,10 @@ def ms_eager(fn, n=200):
 
 
 def copy_bandwidth():
-    """Bytes read + written per second of a 2 GiB device-to-device copy (median of 20), the faster of a
-    uint8 and a float32 copy. Why both: until round 7 this was the uint8 copy alone, which on the H100 ran
-    at 2446 GB/s against the float32 copy's ~2950 (qrun bench's number), so every % of copy printed here
-    was ~20% too generous."""
-    def one(dt):
-        src = torch.empty((2 << 30) // torch.empty(0, dtype=dt).element_size(), dtype=dt, device="cuda")
-        src.random_(0, 100)
-        dst = torch.empty_like(src)
-        gbs = 2 * (2 << 30) / (ms_graph([lambda: dst.copy_(src)], replays=20) * 1e-3)
-        print(f"copy bandwidth, {dt}: {gbs / 1e9:.0f} GB/s", flush=True)
-        return gbs
-    return max(one(torch.uint8), one(torch.float32))
+    """Bytes read + written per second of a 2 GiB device-to-device copy, launched eagerly (qrun bench's own
+    measure). Why not inside a CUDA graph, as until round 7: captured, the copy becomes a memcpy node, which
+    ran at ~2430 GB/s on the H100 against ~2950 eager, so every % of copy printed was ~20% too generous."""
+    return copy_bandwidth_eager(torch.device("cuda"), 2 << 30) * 1e9
 
 
 def kernel_facts(k):
@@ -274,7 +264,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="M = 1 and 1024 only (saves device time)")
     ap.add_argument("--sweep", action="store_true", help="first time every word-GEMV config at M = 1")
     ap.add_argument("--layout", default="auto", choices=("auto", "il4", "tc16", "rows"),
-                    help="weight layout of ours (auto: the loader's choice, tc16 for o and down, il4 for the rest)")
+                    help="weight layout of ours (auto: the loader's default, il4)")
     args = ap.parse_args()
     CHOICE[0] = args.layout
     ms = [1, 1024] if args.quick else [int(v) for v in args.m.split(",")]

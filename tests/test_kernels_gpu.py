@@ -310,11 +310,38 @@ def test_tc16_gate_up_gemm_7b_repeated():
     try:
         for cfg in orig(64, 128):
             ops._tuned.clear()
-            ops._gemm_candidates = lambda *a, c=cfg: [c]
+            ops._gemm_candidates = lambda *a, c=cfg, **kw: [c]
             for _ in range(3):
                 _poison((64, n // 2), torch.bfloat16)
                 y = quant_linear_silu_mul(x, *tc, encoding="int4_sym", block_size=128, in_features=k, layout="tc16")
                 _check(y, ref, tol=4e-3)  # right: ~1.7e-3 fused, ~2.7e-3 over the bf16 halves; the fault: 6e-3
+    finally:
+        ops._gemm_candidates = orig
+
+
+@pytest.mark.parametrize("layout", ["il4", "tc16"])
+def test_prefill_gemm_every_config(layout):
+    # M = 1024 (prefill), Qwen2.5-7B's o shape, each GEMM config ops may pick for the layout, twice: round 7
+    # made the il4 and tc16 GEMMs read tiles in memory order and permute them in registers, and two tc16 configs
+    # came out wrong at this M (ops.TC16_BAD_GEMM leaves them out)
+    import qrun.kernels.ops as ops
+    from qrun.kernels.layout import to_layout
+    torch.manual_seed(13)
+    k, n, m = 3584, 3584, 1024
+    parts = _weight(n, k, "int4_asym", 128)
+    w = dequantize_parts("int4_asym", parts_of(*parts), (n, k), 128, dtype=torch.bfloat16).double()
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ w.T
+    lp = to_layout(layout, *parts)
+    orig = ops._gemm_candidates
+    try:
+        for cfg in orig(m, 128, layout):
+            ops._tuned.clear()
+            ops._gemm_candidates = lambda *a, c=cfg, **kw: [c]
+            for _ in range(2):
+                _poison((m, n), torch.bfloat16)
+                y = quant_linear(x, *lp, None, encoding="int4_asym", block_size=128, in_features=k, layout=layout)
+                _check(y, ref, tol=4e-3)
     finally:
         ops._gemm_candidates = orig
 

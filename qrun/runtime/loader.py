@@ -173,12 +173,13 @@ class _Builder:
     def linear(self, names: list[str], biases: list[str | None], tensors: dict[str, Any],
                row_groups: int = 4, tensor_cores: bool = False) -> torch.nn.Module:
         """One weight or several stacked along the output rows (q/k/v, gate/up) -> one module if possible.
-        On CUDA, int4 weights get a layout for the decode GEMV (qrun/kernels/layout.py). By default
-        (QRUN_LAYOUT=tc16) that is "tc16" (the tensor-core GEMV) where `tensor_cores` (projections with no
-        RMSNorm to fuse in front: that GEMV does not fuse it) and the shape allows, and "il4" elsewhere where
-        the row count is a multiple of `row_groups`. Qwen2.5-7B decoded 447 tok/s so against 436 with il4
-        alone (PERF.md round 7). QRUN_LAYOUT=il4 never takes tc16; QRUN_LAYOUT=rows keeps the canonical
-        layout."""
+        On CUDA, int4 weights get a layout for the decode GEMV (qrun/kernels/layout.py): "il4" where the row count
+        is a multiple of `row_groups` (the default, QRUN_LAYOUT=il4). QRUN_LAYOUT=tc16 gives "tc16" (the
+        tensor-core GEMV) where `tensor_cores` (projections with no RMSNorm to fuse in front: that GEMV does
+        not fuse it) and the shape allows, il4 elsewhere. It decodes Qwen2.5-7B 3% faster (447 against 434-436
+        tok/s on the H100), but two of its prefill GEMM configs were found wrong in the last device run and are
+        left out untimed against the rest at real prefill sizes, so it stays opt-in (PERF.md round 7).
+        QRUN_LAYOUT=rows keeps the canonical layout."""
         infos = [self.reader.info(n) for n in names]
         k = infos[0].shape[1]
         quant = [self._is_quant(n) for n in names]
@@ -203,7 +204,7 @@ class _Builder:
             sdt = torch.float32 if any(x["scales"].dtype == torch.float32 for x in qs) else torch.float16
             q = {key: torch.cat([x[key].to(sdt) if key == "scales" else x[key] for x in qs]) for key in qs[0]}
         layout = "rows"
-        choice = os.environ.get("QRUN_LAYOUT", "tc16")
+        choice = os.environ.get("QRUN_LAYOUT", "il4")
         if choice not in ("il4", "tc16", "rows"):
             raise QRunError(f"QRUN_LAYOUT must be il4, tc16 or rows, not {choice!r}")
         bs = infos[0].entry["block_size"]
