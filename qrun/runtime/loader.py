@@ -177,8 +177,8 @@ class _Builder:
         is a multiple of `row_groups` (the default, QRUN_LAYOUT=il4). QRUN_LAYOUT=tc16 gives "tc16" (the
         tensor-core GEMV) where `tensor_cores` (projections with no RMSNorm to fuse in front: that GEMV does
         not fuse it) and the shape allows, il4 elsewhere. It decodes Qwen2.5-7B 3% faster (447 against 434-436
-        tok/s on the H100), but two of its prefill GEMM configs were found wrong in the last device run and are
-        left out untimed against the rest at real prefill sizes, so it stays opt-in (PERF.md round 7).
+        tok/s on the H100), but two of its prefill GEMM configs gave wrong results there (left out since) and
+        the rest have been checked once, so it stays opt-in (PERF.md round 7).
         QRUN_LAYOUT=rows keeps the canonical layout."""
         infos = [self.reader.info(n) for n in names]
         k = infos[0].shape[1]
