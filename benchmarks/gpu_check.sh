@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# A session's first device call in one command: install the carried wheels (zstandard, gguf, platformdirs are
+# not in the device image), check the kernels the last session changed, then print the timing tables.
+#
+#   bash benchmarks/gpu_check.sh [tests] [configs] [kernels] [decode]     (device tool, carry [".whl"])
+#
+# With no argument it runs all four; each stage has its own timeout so one slow stage cannot eat the call.
+# Outputs (JSON) go to $OUT.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check: could not install .whl/*.whl (carry .whl)"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/qrun-out}
+mkdir -p "$OUT"
+stages=${*:-tests configs kernels decode}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+for s in $stages; do
+  echo "=== $s"
+  case $s in
+    tests)  # the GEMM tile change (round 7), tc16 and the tuner; the whole suite takes > 330 s
+      QRUN_KERNEL_TUNE=0 timeout 240 python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
+        -k "prefill_gemm or tc16_gate_up or il4_layout or chain_tuner" --durations=8 -p no:cacheprovider \
+        --tb=short 2>&1 | tail -25 ;;
+    configs)  # every GEMM config, the known-wrong tc16 ones included: rows over 5e-3 only
+      timeout 150 python3 benchmarks/gemm_configs.py --repeats 2 --ms 64,1024 --every \
+        --shapes "7B o,7B down,0.5B gate+up" > "$OUT/gemm_configs.txt" 2>&1
+      awk '/M=/ {n++; if ($NF+0 > 5e-3 || $NF ~ /nan|inf/) print "BAD", $0} END {print n, "rows"}' \
+        "$OUT/gemm_configs.txt"; tail -1 "$OUT/gemm_configs.txt" ;;
+    kernels)
+      timeout 220 python3 benchmarks/kernels.py --m 1,1024 --json "$OUT/kernels.json" 2>&1 | tail -26 ;;
+    decode)
+      timeout 420 python3 benchmarks/decode.py --configs qwen2.5-7b,qwen2-0.5b --runs graph,prefill1024,tc16,hf \
+        --out "$OUT" 2>&1 | tail -14 ;;
+    *) echo "gpu_check: unknown stage $s (tests, configs, kernels, decode)" ;;
+  esac
+done
