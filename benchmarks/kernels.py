@@ -32,7 +32,7 @@ from qrun.kernels import quant_linear, quant_linear_silu_mul  # noqa: E402
 from qrun.kernels.layout import to_layout  # noqa: E402
 from qrun.kernels.reference import parts_of  # noqa: E402
 from qrun.quant import dequantize_parts, quantize  # noqa: E402
-from qrun.runtime.bench import copy_bandwidth as copy_bandwidth_eager  # noqa: E402
+from qrun.runtime.bench import copy_bandwidth  # noqa: E402
 
 SHAPES = [  # (model, K, N, gate+up?)
     ("0.5B qkv", 896, 1152, False), ("0.5B o", 896, 896, False), ("0.5B gate+up", 896, 9728, True),
@@ -100,13 +100,6 @@ def ms_eager(fn, n=200):
         b.synchronize()
         times.append(a.elapsed_time(b) / n)
     return statistics.median(times)
-
-
-def copy_bandwidth():
-    """Bytes read + written per second of a 2 GiB device-to-device copy, launched eagerly (qrun bench's own
-    measure). Why not inside a CUDA graph, as until round 7: captured, the copy becomes a memcpy node, which
-    ran at ~2430 GB/s on the H100 against ~2950 eager, so every % of copy printed was ~20% too generous."""
-    return copy_bandwidth_eager(torch.device("cuda"), 2 << 30) * 1e9
 
 
 def kernel_facts(k):
@@ -280,7 +273,9 @@ def main():
         LAYOUT[0] = layout_for(args.layout, name, n)
         print(f"  {name:14s} {LAYOUT[0]:5s} max rel err {check(k, n, silu):.2e}", flush=True)
 
-    copy_bw = copy_bandwidth()
+    # Launched eagerly, as qrun bench does: captured in a CUDA graph (until round 7) the copy became a memcpy
+    # node, ~2430 GB/s on the H100 against ~2950 eager, and every % of copy printed was ~20% too generous.
+    copy_bw = copy_bandwidth(torch.device("cuda"), 2 << 30) * 1e9
     dummy = torch.empty(1, device="cuda")
     empty_graph = ms_graph([lambda: _empty_kernel[(1,)](dummy)] * 200) * 1e3
     empty_eager = ms_eager(lambda: _empty_kernel[(1,)](dummy)) * 1e3

@@ -77,12 +77,11 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # the weight's address arithmetic for il4 and tc16 is in _il4_tile / _tc16_tile
     if LAY == 1:  # element [n, c] of an (N, C) part lives at [n // 4, c // e, n % 4, c % e] (e = 4 bytes, 1 scale)
-        wrow = rows  # unused: _il4_tile reads the weight
         srow = (rows // 4) * (4 * stride_sn) + (rows % 4)
         zrow = (rows // 4) * (4 * stride_zn) + (rows % 4)
     elif LAY == 2:  # byte [n, p] at [n // 16, p // 32, (p % 8) // 2, n % 8, (p % 32) // 8, (n % 16) // 8, p % 2]
-        wrow = rows  # unused: _tc16_tile reads the weight
         srow = (rows // 16) * (16 * stride_sn) + (rows % 16)                   # scales [n // 16, g, n % 16]
         zrow = (rows // 16) * (16 * stride_zn) + (rows % 16)
     else:
@@ -92,13 +91,13 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
     for kt in range(tl.program_id(2), tl.cdiv(KP, BLOCK_K), SPLIT_K):
         k0 = kt * BLOCK_K
         # KP is a multiple of B, and B of BLOCK_K: no mask along K for the weight.
-        kb = k0 // (BLOCK_K // BKB) + offs_kb                                   # (BKB,) byte column
+        kb0 = k0 // (BLOCK_K // BKB)                                            # first byte column
         if LAY == 1:
-            q = _il4_tile(w_ptr, row0, row_lim, k0 // (BLOCK_K // BKB), stride_wn, BLOCK_N, BKB)
+            q = _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N, BKB)
         elif LAY == 2:
-            q = _tc16_tile(w_ptr, row0, row_lim, k0 // (BLOCK_K // BKB), stride_wn, BLOCK_N, BKB)
+            q = _tc16_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N, BKB)
         else:
-            q = tl.load(w_ptr + wrow[:, None] + kb[None, :], mask=rmask[:, None], other=0)  # (BLOCK_N, BKB)
+            q = tl.load(w_ptr + wrow[:, None] + (kb0 + offs_kb)[None, :], mask=rmask[:, None], other=0)  # (BN, BKB)
         g = k0 // B
         if LAY == 1:
             g = g * 4

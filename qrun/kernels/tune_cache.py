@@ -51,14 +51,19 @@ def path(device_name: str) -> str:
     return os.path.join(cache_dir(), f"tune-{slug}-triton{triton.__version__}-{_source_hash()}.json")
 
 
+def _load(p: str) -> dict:
+    """The picks in file p as it is on disk now; {} if it is missing or unreadable."""
+    try:
+        with open(p) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 def _read(p: str) -> dict:
     if p not in _files:
-        try:
-            with open(p) as f:
-                d = json.load(f)
-            _files[p] = d if isinstance(d, dict) else {}
-        except (OSError, ValueError):
-            _files[p] = {}
+        _files[p] = _load(p)
     return _files[p]
 
 
@@ -78,13 +83,7 @@ def put(device_name: str, key: str, cfg: dict) -> None:
     p = path(device_name)
     picks = _read(p)
     picks[key] = cfg
-    try:
-        with open(p) as f:
-            on_disk = json.load(f)
-        if isinstance(on_disk, dict):
-            picks.update({k: v for k, v in on_disk.items() if k not in picks})
-    except (OSError, ValueError):
-        pass
+    picks.update({k: v for k, v in _load(p).items() if k not in picks})  # other processes' picks since
     tmp = None
     try:
         os.makedirs(os.path.dirname(p), exist_ok=True)
