@@ -82,12 +82,13 @@ VARIANTS = (("int4_sym", False, False, False, False), ("int4_asym", True, False,
 
 
 def il4_variants():
-    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr")
+    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr", "part_ptr", "cnt_ptr")
     # (encoding, SILU, bias + residual, RMSNorm, PDL): as the launcher combines them (SILU never has a bias)
     for c, (enc, silu, extra, norm, pdl) in itertools.product(ops._il4_candidates(28), VARIANTS):
         c = dict(c)
         nw, ns = c.pop("num_warps"), c.pop("num_stages", 1)
-        yield (gemv_il4_kernel, ptrs(base, "bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8"),
+        yield (gemv_il4_kernel, ptrs(base, "bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", part_ptr="*fp32",
+                                     cnt_ptr="*i32"),
                dict(ENC=enc, B=128, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, PDL=pdl,
                     INTERPRET=False, **c), nw, ns)
 

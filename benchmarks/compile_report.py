@@ -41,14 +41,16 @@ def compile_gemv(block_n, g, warps, silu=False, norm=False, res=False, persist=F
                           options=dict(num_warps=warps, num_stages=1))
 
 
-def compile_il4(r4, g, warps, silu=False, norm=False, res=False, pdl=False, enc="int4_sym"):
+def compile_il4(r4, g, warps, silu=False, norm=False, res=False, pdl=False, enc="int4_sym", split=1):
     sig = {n: t for n, t in zip(
-        ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr", "N_OUT", "K", "NB", "eps"),
-        ("*bf16", "*i32", "*fp16", "*fp16", "*fp16", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "fp32"))}
-    const = dict(ENC=enc, B=128, HAS_BIAS=False, SILU=silu, NORM=norm, HAS_RES=res, R4=r4, G=g, DEEP=False, PDL=pdl,
-                 INTERPRET=False)
+        ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr", "part_ptr", "cnt_ptr",
+         "N_OUT", "K", "NB", "NBS", "eps"),
+        ("*bf16", "*i32", "*fp16", "*fp16", "*fp16", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32", "i32",
+         "i32", "i32", "fp32"))}
+    const = dict(ENC=enc, B=128, HAS_BIAS=False, SILU=silu, NORM=norm, HAS_RES=res, R4=r4, G=g, DEEP=False,
+                 SPLIT=split, PDL=pdl, INTERPRET=False)
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}
     return triton.compile(ASTSource(gemv_il4_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=1))
 

@@ -66,6 +66,14 @@ def cases():
             layout="il4", tile=tile)))
     out.append(("il4-fp16-gemv", dict(enc="int4_sym", b=128, m=1, n=24, k=300, dtype="float16", bias=True,
                                       silu=False, layout="il4")))
+    # il4 split-K (SPLIT programs a row group along K, the last to arrive sums the partials and the sums of x^2):
+    # K = 200 / 300 at B = 32 is 7 / 10 blocks, so the last program gets fewer steps than the others
+    for name, c in (("plain", dict(enc="int4_sym", b=32, n=36, k=200, bias=False, silu=False, split=2)),
+                    ("norm-res", dict(enc="int4_asym", b=32, n=36, k=300, bias=True, norm=True, res=True, silu=False,
+                                      split=3)),
+                    ("norm-silu", dict(enc="int4_sym", b=32, n=2 * 20, k=300, bias=False, norm=True, silu=True,
+                                       split=2))):
+        out.append((f"il4-split{c['split']}-{name}", dict(c, m=1, dtype="bfloat16", layout="il4")))
     # the "tc16" layout (16-row tiles for the tensor-core GEMV, made by to_tc16): its GEMV at M = 1 (the
     # interpreter runs the tensor-op twin of the mma asm), the GEMM's addressing at M > 1, the GEMM at M = 1 for
     # float32 x; K = 200 / 300: a K < Kp tail and a partial last step of the warps (2 warps, 64 k each)
@@ -117,7 +125,7 @@ def _run_cases() -> dict:
     torch.manual_seed(0)
     res = {}
     for name, c in cases():
-        os.environ["QRUN_TC16_SPLIT"] = str(c.get("split", 1))  # ops reads it per launch under the interpreter
+        os.environ["QRUN_TC16_SPLIT"] = os.environ["QRUN_IL4_SPLIT"] = str(c.get("split", 1))  # read per launch
         os.environ["QRUN_GEMM_TILE"] = c.get("tile", "16,32")
         dtype = getattr(torch, c["dtype"])
         qt = quantize(torch.randn(c["n"], c["k"]), c["enc"], c["b"])

@@ -111,6 +111,24 @@ def _combine(m_ptr, l_ptr, o_ptr, y_ptr, bh, HD: tl.constexpr, NSPLIT: tl.conste
 
 
 @triton.jit
+def _combine_heads(m_ptr, l_ptr, o_ptr, y_ptr, bh, rmask, HD: tl.constexpr, NSPLIT: tl.constexpr):
+    """_combine for the GP rows bh (GP,) at once (rmask: the real ones), the partials read through L2. One
+    load of each partial for all the heads: a loop over the heads would wait on L2 once per head."""
+    sp = tl.arange(0, NSPLIT)
+    d = tl.arange(0, HD)
+    idx = bh[:, None] * NSPLIT + sp[None, :]                                        # (GP, NSPLIT)
+    m = tl.load(m_ptr + idx, mask=rmask[:, None], other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(l_ptr + idx, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+    o = tl.load(o_ptr + idx[:, :, None] * HD + d[None, None, :], mask=rmask[:, None, None], other=0.0,
+                cache_modifier=".cg")                                                # (GP, NSPLIT, HD)
+    mx = tl.max(m, axis=1)
+    w = tl.where(m > float("-inf"), tl.exp(m - mx[:, None]), 0.0)  # empty slices (and padded heads) weigh 0
+    den = tl.sum(l * w, axis=1)
+    y = tl.sum(o * w[:, :, None], axis=1) / tl.where(rmask, den, 1.0)[:, None]     # (GP, HD)
+    tl.store(y_ptr + bh[:, None] * HD + d[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
 def combine_kernel(m_ptr, l_ptr, o_ptr, y_ptr, HD: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """Pass 2: one program per (b, head), _combine."""
     if PDL:  # pdl.py: the partials come from the kernel before
@@ -226,8 +244,7 @@ def rope_attention_kernel(
         arrived = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel", scope="gpu")
         if arrived == NSPLIT - 1:  # the last slice of this KV head: combine its G heads
             tl.atomic_xchg(cnt_ptr + bk, 0, sem="relaxed", scope="gpu")
-            for g in range(G):
-                _combine(m_ptr, l_ptr, o_ptr, y_ptr, b * H + kvh * G + g, HD, NSPLIT, CG=True)
+            _combine_heads(m_ptr, l_ptr, o_ptr, y_ptr, b * H + heads, rmask, HD, NSPLIT)
 
 
 @torch.library.custom_op("qrun::rope_attention", mutates_args=("k_cache", "v_cache", "counters"))

@@ -19,7 +19,8 @@ The interpreter (no inline asm) takes the same values from shifts and masks.
 
 Program: R4 groups of 4 rows; a step covers G quantization blocks of B = 128 k: the tile (R4, G, B/8, 4) words,
 one word position (4 rows x 8 k) per thread and R4 16-byte loads per thread; G * B/8 threads. The next
-step's words and scales are loaded before the current step is computed.
+step's words and scales are loaded before the current step is computed. With SPLIT > 1, SPLIT programs share
+a row group's K and the last to finish sums their partials.
 """
 from __future__ import annotations
 
@@ -69,11 +70,11 @@ def _offsets(rg, N4, NB, B: tl.constexpr, G: tl.constexpr, R4: tl.constexpr):
 
 
 @triton.jit
-def _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0, NB, B: tl.constexpr, G: tl.constexpr, ENC: tl.constexpr):
+def _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0, gend, B: tl.constexpr, G: tl.constexpr, ENC: tl.constexpr):
     """Words (R4, G, B/8, 4), scales and zeros (R4, G, 1, 4) float32 of blocks g0 .. g0 + G - 1 (masked
-    past NB: a step past the last loads nothing)."""
+    from gend, the program's last block + 1: a step past it loads nothing)."""
     WPB: tl.constexpr = B // 8
-    gm = ((g0 + tl.arange(0, G)) < NB)[None, :, None, None]
+    gm = ((g0 + tl.arange(0, G)) < gend)[None, :, None, None]
     w = tl.load(w_ptr + woff + g0 * (WPB * 4), mask=gm, other=0)
     s = tl.load(s_ptr + soff + g0 * 4, mask=gm, other=0.0).to(tl.float32)
     if ENC == "int4_asym":
@@ -104,32 +105,40 @@ def _rows_dot(acc, w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, xs, ENC: tl.constexp
 @triton.jit
 def gemv_il4_kernel(
     # pointers: x (K,), words (N/4, KW, 4) int32, scales (N/4, NB, 4), zeros (N/4, NB, 4) or dummy,
-    # bias (N_OUT,) or dummy, RMSNorm weight (K,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,)
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr,
-    N_OUT, K, NB, eps,
+    # bias (N_OUT,) or dummy, RMSNorm weight (K,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,);
+    # SPLIT > 1: partials (programs, SPLIT, PW) float32 and arrival counters (programs,) int32 (zeros), else dummies
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, part_ptr, cnt_ptr,
+    N_OUT, K, NB, NBS, eps,
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
     HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, DEEP: tl.constexpr = False,
-    PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
-    """Program p: output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over all of K in steps of G blocks.
+    """Program (p, sp): output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over blocks sp NBS .. (sp + 1)
+    NBS - 1 of K (NBS a multiple of G; all of K when SPLIT == 1) in steps of G blocks.
     SILU: also the up rows (row group + N_OUT / 4) with the same x, then silu(gate) * up.
-    NORM: y = W (nw * x) * rsqrt(mean(x^2) + eps), the sum of x^2 taken on the way (each program reads all
-    of x). HAS_RES: y += residual. PDL: the first step's weights are loaded before waiting on the previous
-    kernel (pdl.py). DEEP: three steps of weights in flight instead of two (long K walks with few programs)."""
+    NORM: y = W (nw * x) * rsqrt(mean(x^2) + eps), the sum of x^2 taken on the way over the program's share of
+    x. HAS_RES: y += residual. PDL: the first step's weights are loaded before waiting on the previous kernel
+    (pdl.py). DEEP: three steps of weights in flight instead of two (long K walks with few programs).
+    SPLIT: programs per row group along K, for shapes whose row groups alone give too few bytes in flight per
+    SM (7B down: 896 programs of 19 steps). Each stores its partial sums (and its sum of x^2), and the last of
+    a row group to arrive (an acq_rel counter, the pattern of gemv_tc16_kernel) adds them in split order, does
+    the epilogue and resets the counter."""
     ASM: tl.constexpr = not INTERPRET
     WPB: tl.constexpr = B // 8
     N4 = N_OUT // 4
     pid = tl.program_id(0)
+    gstart = tl.program_id(1) * NBS
+    gend = tl.minimum(gstart + NBS, NB)
     rg = pid * R4 + tl.arange(0, R4)
     woff, soff = _offsets(rg, N4, NB, B, G, R4)
-    w, s, z = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, 0, NB, B, G, ENC)
+    w, s, z = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, gstart, gend, B, G, ENC)
     if SILU:
         uoff, usoff = _offsets(rg + N4, N4 * 2, NB, B, G, R4)
-        wu, su, zu = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, 0, NB, B, G, ENC)
+        wu, su, zu = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, gstart, gend, B, G, ENC)
     if DEEP:  # the second step too, before waiting
-        w1, s1, z1 = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, G, NB, B, G, ENC)
+        w1, s1, z1 = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, gstart + G, gend, B, G, ENC)
         if SILU:
-            wu1, su1, zu1 = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, G, NB, B, G, ENC)
+            wu1, su1, zu1 = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, gstart + G, gend, B, G, ENC)
     AHEAD: tl.constexpr = 2 * G if DEEP else G  # blocks between the step computed and the step loaded
     if PDL:
         gdc_wait()
@@ -140,10 +149,10 @@ def gemv_il4_kernel(
     ssq = tl.zeros((G, WPB), tl.float32)
     xoff = (tl.arange(0, G)[:, None, None] * WPB + tl.arange(0, WPB)[None, :, None]) * 8 \
         + tl.arange(0, 8)[None, None, :]                                             # (G, B/8, 8)
-    for g0 in range(0, NB, G):
-        w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + AHEAD, NB, B, G, ENC)
+    for g0 in range(gstart, gend, G):
+        w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + AHEAD, gend, B, G, ENC)
         if SILU:
-            wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + AHEAD, NB, B, G, ENC)
+            wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + AHEAD, gend, B, G, ENC)
         kk = g0 * B + xoff
         xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)          # (G, B/8, 8)
         if NORM:
@@ -170,17 +179,56 @@ def gemv_il4_kernel(
         else:
             w, s, z = w_n, s_n, z_n
     out = tl.sum(tl.sum(acc, axis=2), axis=1)                                         # (R4, 4)
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(tl.sum(ssq, axis=1), axis=0) / K + eps)
-        out = out * rstd
+    if SILU:
+        up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
+    else:
+        up = out  # unused
+    ssq_t = tl.sum(tl.sum(ssq, axis=1), axis=0)
     rows = (pid * R4 + tl.arange(0, R4))[:, None] * 4 + tl.arange(0, 4)[None, :]      # (R4, 4)
+    if SPLIT == 1:
+        _il4_epilogue(out, up, ssq_t, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM,
+                      HAS_RES, INTERPRET)
+    else:
+        # partials [program, split, PW]: the R4 x 4 gate (or only) sums, the R4 x 4 up sums, the sum of x^2
+        PW: tl.constexpr = 8 * R4 + 1
+        loc = tl.arange(0, R4)[:, None] * 4 + tl.arange(0, 4)[None, :]                # (R4, 4)
+        pp = part_ptr + pid * (SPLIT * PW)
+        mine = pp + tl.program_id(1) * PW
+        tl.store(mine + loc, out)
+        if SILU:
+            tl.store(mine + 4 * R4 + loc, up)
+        if NORM:
+            tl.store(mine + 8 * R4, ssq_t)
+        tl.debug_barrier()  # every thread's partials before the counter's release
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:  # the last program of this row group: the sum of the partials, the epilogue
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+            tot = tl.zeros((R4, 4), tl.float32)
+            utot = tl.zeros((R4, 4), tl.float32)
+            ssq_t = 0.0
+            for sp in tl.static_range(SPLIT):  # in split order: the sum does not depend on who came last
+                tot += tl.load(pp + sp * PW + loc, cache_modifier=".cg")
+                if SILU:
+                    utot += tl.load(pp + sp * PW + 4 * R4 + loc, cache_modifier=".cg")
+                if NORM:
+                    ssq_t += tl.load(pp + sp * PW + 8 * R4, cache_modifier=".cg")
+            _il4_epilogue(tot, utot, ssq_t, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM,
+                          HAS_RES, INTERPRET)
+
+
+@triton.jit
+def _il4_epilogue(out, up, ssq, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS: tl.constexpr,
+                  SILU: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
+    """out, up (R4, 4) float32 sums of rows `rows` (R4, 4), ssq the sum of x^2 over K -> y: * rsqrt(mean(x^2)
+    + eps) with NORM, + bias, silu(out) * up with SILU, + residual."""
     rmask = rows < N_OUT
+    if NORM:
+        rstd = tl.rsqrt(ssq / K + eps)
+        out = out * rstd
+        up = up * rstd
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if SILU:
-        up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
-        if NORM:
-            up = up * rstd
         out = out / (1.0 + tl.exp(-out)) * up
     if HAS_RES:
         out += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)

@@ -186,19 +186,33 @@ def _gemv_candidates(encoding, block_size, nb):
     return out
 
 
+def _il4_blocks_per_split(nb: int, c: dict) -> int:
+    """Quantization blocks of K per program of a row group: all nb, or with SPLIT programs a multiple of the
+    step (G blocks), so that no step straddles two programs."""
+    split = c.get("SPLIT", 1)
+    return nb if split == 1 else triton_cdiv(triton_cdiv(nb, split), c["G"]) * c["G"]
+
+
 def _il4_candidates(nb):
-    """(R4 groups of 4 rows, G blocks per step, DEEP, warps = G * 16 threads / 32): few row groups and short
-    steps give many programs for short K; long K (down projections) needs more warps per program along K.
-    DEEP: three steps of weights in flight per thread instead of two."""
+    """(R4 groups of 4 rows, G blocks per step, DEEP, SPLIT, warps = G * 16 threads / 32): few row groups and
+    short steps give many programs for short K; long K (down projections) needs more warps per program along
+    K. DEEP: three steps of weights in flight per thread instead of two. SPLIT: programs per row group along K,
+    which multiplies the bytes in flight per SM for shapes with few rows (7B down and o, 0.5B); only where every
+    program gets at least one step."""
     out = []
-    for r4, g, deep in ((1, 2, 0), (1, 4, 0), (2, 4, 0), (1, 8, 0), (2, 2, 0), (1, 16, 0), (1, 2, 1), (1, 4, 1),
-                        (1, 8, 1), (1, 16, 1)):
+    for r4, g, deep, sp in ((1, 2, 0, 1), (1, 4, 0, 1), (2, 4, 0, 1), (1, 8, 0, 1), (2, 2, 0, 1), (1, 16, 0, 1),
+                            (1, 2, 1, 1), (1, 4, 1, 1), (1, 8, 1, 1), (1, 16, 1, 1),
+                            (1, 4, 0, 2), (1, 4, 1, 2), (1, 8, 0, 2), (1, 2, 1, 2), (1, 4, 0, 3), (1, 4, 1, 3),
+                            (1, 2, 0, 4), (1, 4, 0, 4)):
         g = min(g, triton_next_pow2(nb))
-        c = dict(R4=r4, G=g, DEEP=bool(deep), num_warps=max(1, g // 2), num_stages=1)
+        c = dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=sp, num_warps=max(1, g // 2), num_stages=1)
+        if sp > 1 and (sp - 1) * _il4_blocks_per_split(nb, c) >= nb:
+            continue  # a program with nothing to do
         if c not in out:
             out.append(c)
-    if INTERPRET:
-        out = [dict(R4=2, G=2, DEEP=True, num_warps=1, num_stages=1)]
+    if INTERPRET:  # QRUN_IL4_SPLIT: the interpreter tests' way to run the split-K path
+        out = [dict(R4=2, G=2, DEEP=True, SPLIT=int(os.environ.get("QRUN_IL4_SPLIT", 1)), num_warps=1,
+                    num_stages=1)]
     return out
 
 
@@ -207,7 +221,8 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """int32 arrival counters, one per 16-row tile, shared by every split-K tc16 launch on the device: each
+    """int32 arrival counters, one per 16-row tile (tc16) or program (il4), shared by every split-K GEMV
+    launch on the device: each
     kernel leaves them at zero, and launches on one stream do not overlap where they touch them (PDL lets a
     kernel start early, but it waits for its predecessor before its first counter access)."""
     t = _counters.get(device)
@@ -424,9 +439,15 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             kw = {"PDL": False} if k >= PDL_MAX_K else pdl
 
             def launch(c, w, s, zz, out=y):
-                grid = (triton_cdiv(n_out // 4, c["R4"]),)
-                LAST["gemv"] = gemv_il4_kernel[grid](x2, w, s, zz, b, nw, res, out, n_out, k, nb, eps,
-                                                     **flags, **kw, **c)
+                progs, split = triton_cdiv(n_out // 4, c["R4"]), c.get("SPLIT", 1)
+                if split > 1:  # partials of each row group's K shares; the counters stay zero between launches
+                    part = torch.empty(progs * split * (8 * c["R4"] + 1), dtype=torch.float32, device=x.device)
+                    cnt = _tile_counters(x.device, progs)
+                else:
+                    part = cnt = scales
+                LAST["gemv"] = gemv_il4_kernel[(progs, split)](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
+                                                               nb, _il4_blocks_per_split(nb, c), eps, **flags, **kw,
+                                                               **c)
             kind, cands = "gemv_il4", _il4_candidates(nb)
         else:
             def launch(c, w, s, zz, out=y):
