@@ -2,7 +2,7 @@
 # A session's first device call in one command: install the carried wheels (zstandard, gguf, platformdirs are
 # not in the device image), check the kernels the last session changed, then print the timing tables.
 #
-#   bash benchmarks/gpu_check.sh [tests] [configs] [kernels] [decode]     (device tool, carry [".whl"])
+#   bash benchmarks/gpu_check.sh [tests] [configs] [kernels] [decode] [tune]     (device tool, carry [".whl"])
 #
 # With no argument it runs all four; each stage has its own timeout so one slow stage cannot eat the call.
 # Outputs (JSON) go to $OUT.
@@ -17,10 +17,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for s in $stages; do
   echo "=== $s"
   case $s in
-    tests)  # the GEMM tile change (round 7), tc16 and the tuner; the whole suite takes > 330 s
-      QRUN_KERNEL_TUNE=0 timeout 240 python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
-        -k "prefill_gemm or tc16_gate_up or il4_layout or chain_tuner" --durations=8 -p no:cacheprovider \
-        --tb=short 2>&1 | tail -25 ;;
+    tests)  # this round's kernel changes: il4 split-K (every config on 7B down and qkv), the fused attention
+      QRUN_KERNEL_TUNE=0 timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
+        tests/test_gpu_model.py -k "${TESTS_K:-il4_layout_every_config and (18944 or 3584-4608) or fused_rope}" \
+        --durations=8 -p no:cacheprovider --tb=short 2>&1 | tail -25 ;;
     configs)  # every GEMM config, the known-wrong tc16 ones included: rows over 5e-3 only
       timeout 150 python3 benchmarks/gemm_configs.py --repeats 2 --ms 64,1024 --every \
         --shapes "7B o,7B down,0.5B gate+up" > "$OUT/gemm_configs.txt" 2>&1
@@ -31,6 +31,16 @@ for s in $stages; do
     decode)
       timeout 420 python3 benchmarks/decode.py --configs qwen2.5-7b,qwen2-0.5b --runs graph,prefill1024,tc16,hf \
         --out "$OUT" 2>&1 | tail -14 ;;
-    *) echo "gpu_check: unknown stage $s (tests, configs, kernels, decode)" ;;
+    tune)  # pick the GEMV configs by timing the whole decode step, then qrun bench with those picks
+      for cfg in qwen2-0.5b qwen2.5-7b; do
+        python3 -m qrun.cli.main convert --random $cfg -o /tmp/$cfg.stcmp -q
+        timeout 200 python3 benchmarks/tune_decode.py /tmp/$cfg.stcmp 2>&1 | tee "$OUT/tune-$cfg.txt" | grep -v "^      "
+        for i in 1 2; do
+          timeout 100 python3 -m qrun.cli.main bench --model /tmp/$cfg.stcmp --prompt-len 128 --gen-len 256 --json \
+            | tee -a "$OUT/bench-$cfg.jsonl" | python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); \
+print('$cfg', 'decode', round(r['decode_tok_s'], 1), 'prefill', round(r['prefill_tok_s']), 'warm-up', round(r['warmup_s'], 1))"
+        done
+      done ;;
+    *) echo "gpu_check: unknown stage $s (tests, configs, kernels, decode, tune)" ;;
   esac
 done
