@@ -35,7 +35,7 @@ for s in $stages; do
       for cfg in qwen2-0.5b qwen2.5-7b; do
         python3 -m qrun.cli.main convert --random $cfg -o /tmp/$cfg.stcmp -q
         timeout 200 python3 benchmarks/tune_decode.py /tmp/$cfg.stcmp 2>&1 | tee "$OUT/tune-$cfg.txt" | grep -v "^      "
-        for i in 1 2; do
+        for i in $(seq ${BENCH_RUNS:-2}); do
           timeout 100 python3 -m qrun.cli.main bench --model /tmp/$cfg.stcmp --prompt-len 128 --gen-len 256 --json \
             | tee -a "$OUT/bench-$cfg.jsonl" | python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); \
 print('$cfg', 'decode', round(r['decode_tok_s'], 1), 'prefill', round(r['prefill_tok_s']), 'warm-up', round(r['warmup_s'], 1))"
