@@ -33,7 +33,10 @@ from qrun.runtime.generate import prefill  # noqa: E402
 def candidates(key: tuple) -> list[dict]:
     """The launcher's candidate configs for a tuned GEMV key (dev, kind, encoding, block, x dtype, scale dtype,
     n, k, ...); [] for kinds this script does not tune (the M > 1 GEMM)."""
-    kind, enc, bs, k = key[1], key[2], key[3], key[7]
+    kind = key[1]
+    if kind not in ("gemv_il4", "gemv_tc16", "gemv4", "gemv"):
+        return []
+    enc, bs, k = key[2], key[3], key[7]
     nb = -(-k // bs)
     if kind == "gemv_il4":
         return ops._il4_candidates(nb)
