@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
                     "graph,nopdl (graph without programmatic dependent launch),cap12m (RMSNorm/residual fused only into GEMVs of <= 12 M weights, the old default),nofuse (never fused),rows (canonical int4 layout, not il4 or tc16),tc16 (the tensor-core GEMV for o and down where they have a 16-row tile per SM),il4 and il4prefill1024 (graph and prefill1024 with QRUN_LAYOUT=il4 set explicitly, the default),int4head (embed_tokens and lm_head int4 g128 too, like gpt-fast's int4),fattn (RoPE + cache write + attention + combine in one kernel),tc16fattn (tc16 and fattn),attn64 (attention slices of 64 cache positions),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
+    ap.add_argument("--tune", action="store_true", help="run `qrun tune` on each model first (its picks are "
+                    "stored on disk and used by the runs under the default settings)")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     rows = []
@@ -51,6 +53,11 @@ def main() -> None:
               flush=True)
         if p.returncode:
             continue
+        if a.tune:  # the decode step's own GEMV picks (qrun tune), stored for every run below
+            t = time.perf_counter()
+            p = qrun("tune", "--model", path, "-q")
+            out = (p.stdout + p.stderr).strip()[-300:]
+            print(f"[{cfg}] tune {time.perf_counter() - t:.1f} s rc={p.returncode} {out}", flush=True)
         runs = [("graph", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),
                 ("nopdl", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # graph, QRUN_PDL=0
                 ("cap12m", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # norms fused up to 12 M weights

@@ -34,7 +34,7 @@ for s in $stages; do
     tune)  # pick the GEMV configs by timing the whole decode step, then qrun bench with those picks
       for cfg in qwen2-0.5b qwen2.5-7b; do
         python3 -m qrun.cli.main convert --random $cfg -o /tmp/$cfg.stcmp -q
-        timeout 200 python3 benchmarks/tune_decode.py /tmp/$cfg.stcmp 2>&1 | tee "$OUT/tune-$cfg.txt" | grep -v "^      "
+        timeout 200 python3 -m qrun.cli.main tune --model /tmp/$cfg.stcmp 2>&1 | tee "$OUT/tune-$cfg.txt"
         for i in $(seq ${BENCH_RUNS:-2}); do
           timeout 100 python3 -m qrun.cli.main bench --model /tmp/$cfg.stcmp --prompt-len 128 --gen-len 256 --json \
             | tee -a "$OUT/bench-$cfg.jsonl" | python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); \

@@ -104,3 +104,21 @@ def test_fused_rope_attention_matches_unfused(model_file, graph, monkeypatch):
                        and m.kv_cache is not None)
     assert torch.isfinite(outs[1]).all()
     assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[0].abs().max()
+
+
+def test_tune_decode_keeps_candidates_and_results(model_file, monkeypatch):
+    """qrun tune's search (runtime/tune.py): every GEMV of the step gets one of its launcher's candidates, and
+    greedy decoding gives the same tokens before and after (configs change speed, not results beyond
+    float32 summation order). Not stored: the test leaves the on-disk cache alone."""
+    import qrun
+    from qrun.kernels import ops
+    from qrun.runtime.tune import tune_decode
+    monkeypatch.setattr(ops, "TUNE", True)
+    llm = qrun.load(model_file, device="cuda", progress=False, max_seq_len=64)
+    before = llm.generate("hello world", max_new_tokens=8, temperature=0)
+    r = tune_decode(llm, prompt_len=8, steps=4, store=False)
+    assert r.shapes and r.before_ms > 0 and r.after_ms > 0
+    for s in r.shapes:
+        assert s.after in ops.gemv_candidates(s.key) and ops.get_config(s.key) == s.after
+        assert len(s.times_ms) >= 1
+    assert llm.generate("hello world", max_new_tokens=8, temperature=0) == before

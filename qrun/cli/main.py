@@ -8,7 +8,7 @@ import os
 import sys
 
 # Modules that register subcommands, in the order `qrun --help` lists them.
-COMMAND_MODULES = ["generate_cmd", "convert_cmd", "eval_cmd", "bench_cmd"]
+COMMAND_MODULES = ["generate_cmd", "convert_cmd", "eval_cmd", "bench_cmd", "tune_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,46 @@ def _pick(key: tuple, candidates: list[dict], launch) -> dict:
     return best
 
 
+# ------------------------------------------------------------------ picks, for tuning in the decode step
+GEMV_KINDS = ("gemv_il4", "gemv_tc16", "gemv4", "gemv")  # the M = 1 launchers' tuner keys (key[1])
+
+
+def gemv_keys() -> list[tuple]:
+    """The tuner keys of the M = 1 GEMVs this process has launched (and so picked a config for): (device,
+    kind, encoding, block size, x dtype, scale dtype, N, K, bias, silu, norm, residual, layout)."""
+    return [k for k in _tuned if k[1] in GEMV_KINDS]
+
+
+def gemv_candidates(key: tuple) -> list[dict]:
+    """The configs the launcher offers for a key of gemv_keys()."""
+    kind, enc, bs, k = key[1], key[2], key[3], key[7]
+    nb = triton_cdiv(k, bs)
+    if kind == "gemv_il4":
+        return _il4_candidates(nb)
+    if kind == "gemv_tc16":
+        return _tc16_candidates()
+    if kind == "gemv4":
+        return _gemv4_candidates(bs, nb)
+    if kind == "gemv":
+        return _gemv_candidates(enc, bs, nb)
+    raise ValueError(f"not a GEMV key: {key!r}")
+
+
+def get_config(key: tuple) -> dict:
+    return _tuned[key]
+
+
+def set_config(key: tuple, cfg: dict, store: bool = False) -> None:
+    """Launches of key use cfg from now on in this process; store: also in the on-disk cache (tune_cache),
+    for later processes on this GPU."""
+    if cfg not in gemv_candidates(key):
+        raise ValueError(f"{cfg} is not a candidate config for {key!r}")
+    if store:
+        _remember(key, cfg)
+    else:
+        _tuned[key] = cfg
+
+
 CHAIN_BYTES = 160e6  # weight bytes a chain-timed tuning graph walks through: > 3x the H100's 50 MB L2
 
 
