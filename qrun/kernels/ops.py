@@ -262,9 +262,9 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """int32 arrival counters, one per 16-row tile (tc16) or program (il4), shared by every split-K GEMV
-    launch on the device: each
-    kernel leaves them at zero, and launches on one stream do not overlap where they touch them (PDL lets a
-    kernel start early, but it waits for its predecessor before its first counter access)."""
+    launch on the device: each kernel leaves them at zero, and launches on one stream do not overlap where
+    they touch them (PDL lets a kernel start early, but it waits for its predecessor before its first counter
+    access)."""
     t = _counters.get(device)
     if t is None or t.numel() < tiles:
         t = _counters[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
