@@ -36,9 +36,11 @@ for s in $stages; do
         python3 -m qrun.cli.main convert --random $cfg -o /tmp/$cfg.stcmp -q
         timeout 200 python3 -m qrun.cli.main tune --model /tmp/$cfg.stcmp 2>&1 | tee "$OUT/tune-$cfg.txt"
         for i in $(seq ${BENCH_RUNS:-2}); do
-          timeout 100 python3 -m qrun.cli.main bench --model /tmp/$cfg.stcmp --prompt-len 128 --gen-len 256 --json \
-            | tee -a "$OUT/bench-$cfg.jsonl" | python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); \
-print('$cfg', 'decode', round(r['decode_tok_s'], 1), 'prefill', round(r['prefill_tok_s']), 'warm-up', round(r['warmup_s'], 1))"
+          timeout 100 python3 -m qrun.cli.main bench --model /tmp/$cfg.stcmp --prompt-len 128 --gen-len 256 \
+            --json | tee -a "$OUT/bench-$cfg.jsonl" | tail -1 | python3 -c "import json, sys
+r = json.load(sys.stdin)
+print('$cfg decode', round(r['decode_tok_s'], 1), 'prefill', round(r['prefill_tok_s']),
+      'warm-up', round(r['warmup_s'], 1))"
         done
       done ;;
     *) echo "gpu_check: unknown stage $s (tests, configs, kernels, decode, tune)" ;;

@@ -95,17 +95,15 @@ def decode_attention_kernel(
 
 
 @triton.jit
-def _combine(m_ptr, l_ptr, o_ptr, y_ptr, bh, HD: tl.constexpr, NSPLIT: tl.constexpr, CG: tl.constexpr = False):
-    """Per (b, head) bh: y = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i over the NSPLIT slices.
-    CG: read the partials through L2 (written by other programs of the same launch)."""
+def _combine(m_ptr, l_ptr, o_ptr, y_ptr, bh, HD: tl.constexpr, NSPLIT: tl.constexpr):
+    """Per (b, head) bh: y = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i over the NSPLIT slices."""
     sp = tl.arange(0, NSPLIT)
     d = tl.arange(0, HD)
-    cm: tl.constexpr = ".cg" if CG else ""
-    m = tl.load(m_ptr + bh * NSPLIT + sp, cache_modifier=cm)
-    l = tl.load(l_ptr + bh * NSPLIT + sp, cache_modifier=cm)
+    m = tl.load(m_ptr + bh * NSPLIT + sp)
+    l = tl.load(l_ptr + bh * NSPLIT + sp)
     mx = tl.max(m, axis=0)
     w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)  # empty slices weigh 0
-    o = tl.load(o_ptr + (bh * NSPLIT + sp)[:, None] * HD + d[None, :], cache_modifier=cm)
+    o = tl.load(o_ptr + (bh * NSPLIT + sp)[:, None] * HD + d[None, :])
     y = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(y_ptr + bh * HD + d, y.to(y_ptr.dtype.element_ty))
 

@@ -14,6 +14,7 @@ current pick only when it is faster by more than the timing noise. The picks go 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -107,8 +108,6 @@ def tune_decode(llm, prompt_len: int = 128, steps: int = 48, passes: int = 1, st
     docstring says; store: keep the picks in the on-disk cache. Positions prompt_len .. prompt_len + steps
     of the KV cache are written (and rewritten by any later prompt). Returns the step times and each shape's
     timings."""
-    import time
-
     from qrun.kernels import ops
     from qrun.runtime.generate import prefill
 
