@@ -243,8 +243,11 @@ def sweep_gemv4(shapes):
             res.append((t, cfg))
             del fns
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
+        # the best without an L2 prefetch too (il4's PF, round 9), to tell what the prefetch adds
+        no_pf = next((f"  best PF 0: {t:.2f}us" for t, c in res if not c.get("PF")), "")
         lines.append(f"{name:14s} " + "  ".join(
-            f"{t:.2f}us " + "/".join(str(v) for key, v in c.items() if key != "num_stages") for t, c in res[:6]))
+            f"{t:.2f}us " + "/".join(str(v) for key, v in c.items() if key != "num_stages") for t, c in res[:6])
+            + no_pf)
         print("  sweep " + lines[-1], flush=True)
     return lines
 

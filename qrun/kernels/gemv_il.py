@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .dequant import cast
 from .gemv4 import _nibbles, _split8
+from .l2 import l2_prefetch
 from .pdl import gdc_launch_dependents, gdc_wait
 
 
@@ -85,6 +86,19 @@ def _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0, gend, B: tl.constexpr, G: tl
 
 
 @triton.jit
+def _prefetch_blocks(w_ptr, s_ptr, z_ptr, rg0, N4, NB, g0, g1, R4: tl.constexpr, WPB: tl.constexpr,
+                     ENC: tl.constexpr):
+    """L2 prefetch of blocks g0 .. g1 - 1 (nothing when g1 <= g0) of the R4 row groups from rg0 (clamped to the
+    last, as the loads are): their words, scales and zeros. A row group's blocks are contiguous in il4."""
+    for i in tl.static_range(R4):
+        base = tl.minimum(rg0 + i, N4 - 1) * NB
+        l2_prefetch(w_ptr + (base + g0) * (WPB * 4), w_ptr + (base + g1) * (WPB * 4))
+        l2_prefetch(s_ptr + (base + g0) * 4, s_ptr + (base + g1) * 4)
+        if ENC == "int4_asym":
+            l2_prefetch(z_ptr + (base + g0) * 4, z_ptr + (base + g1) * 4)
+
+
+@triton.jit
 def _rows_dot(acc, w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, xs, ENC: tl.constexpr, ASM: tl.constexpr):
     """acc (R4, G, B/8, 4) += scale * sum_i q_i x_i for every word of the step; x_i and xs = sum_i x_i are
     (1, G, B/8, 1)."""
@@ -111,7 +125,7 @@ def gemv_il4_kernel(
     N_OUT, K, NB, NBS, eps,
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
     HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, DEEP: tl.constexpr = False,
-    SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1, PF: tl.constexpr = 0, PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     """Program (p, sp): output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over blocks sp NBS .. (sp + 1)
     NBS - 1 of K (NBS a multiple of G; all of K when SPLIT == 1) in steps of G blocks.
@@ -122,14 +136,22 @@ def gemv_il4_kernel(
     SPLIT: programs per row group along K, for shapes whose row groups alone give too few bytes in flight per
     SM (7B down: 896 programs of 19 steps). Each stores its partial sums (and its sum of x^2), and the last of
     a row group to arrive (an acq_rel counter, the pattern of gemv_tc16_kernel) adds them in split order, does
-    the epilogue and resets the counter."""
+    the epilogue and resets the counter.
+    PF (l2.py): 0 none; 1 the program's whole share of the weights, scales and zeros is prefetched into L2 at its
+    start; n > 1 a window n steps ahead of the step computed (prefetched at the start, then one step a step)."""
     ASM: tl.constexpr = not INTERPRET
+    PFW: tl.constexpr = PF > 0 and not INTERPRET
     WPB: tl.constexpr = B // 8
     N4 = N_OUT // 4
     pid = tl.program_id(0)
     gstart = tl.program_id(1) * NBS
     gend = tl.minimum(gstart + NBS, NB)
     rg = pid * R4 + tl.arange(0, R4)
+    if PFW:  # before anything else: these bytes depend on nothing earlier kernels write
+        pf_end = gend if PF == 1 else tl.minimum(gstart + PF * G, gend)
+        _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4, N4, NB, gstart, pf_end, R4, WPB, ENC)
+        if SILU:
+            _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4 + N4, N4 * 2, NB, gstart, pf_end, R4, WPB, ENC)
     woff, soff = _offsets(rg, N4, NB, B, G, R4)
     w, s, z = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, gstart, gend, B, G, ENC)
     if SILU:
@@ -150,6 +172,12 @@ def gemv_il4_kernel(
     xoff = (tl.arange(0, G)[:, None, None] * WPB + tl.arange(0, WPB)[None, :, None]) * 8 \
         + tl.arange(0, 8)[None, None, :]                                             # (G, B/8, 8)
     for g0 in range(gstart, gend, G):
+        if PFW and PF > 1:  # the window's next step
+            pf0 = g0 + PF * G
+            pf1 = tl.minimum(pf0 + G, gend)
+            _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4, N4, NB, pf0, pf1, R4, WPB, ENC)
+            if SILU:
+                _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4 + N4, N4 * 2, NB, pf0, pf1, R4, WPB, ENC)
         w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + AHEAD, gend, B, G, ENC)
         if SILU:
             wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + AHEAD, gend, B, G, ENC)

@@ -234,24 +234,29 @@ def _il4_blocks_per_split(nb: int, c: dict) -> int:
 
 
 def _il4_candidates(nb):
-    """(R4 groups of 4 rows, G blocks per step, DEEP, SPLIT, warps = G * 16 threads / 32): few row groups and
+    """(R4 groups of 4 rows, G blocks per step, DEEP, SPLIT, PF, warps = G * 16 threads / 32): few row groups and
     short steps give many programs for short K; long K (down projections) needs more warps per program along
     K. DEEP: three steps of weights in flight per thread instead of two. SPLIT: programs per row group along K,
     which multiplies the bytes in flight per SM for shapes with few rows (7B down and o, 0.5B); only where every
-    program gets at least one step."""
+    program gets at least one step. PF: L2 prefetch (l2.py) of the program's whole share (1) or of a window
+    PF steps ahead; its variants are new in round 9 (docs/PERF.md), so the tuner decides."""
     out = []
-    for r4, g, deep, sp in ((1, 2, 0, 1), (1, 4, 0, 1), (2, 4, 0, 1), (1, 8, 0, 1), (2, 2, 0, 1), (1, 16, 0, 1),
-                            (1, 2, 1, 1), (1, 4, 1, 1), (1, 8, 1, 1), (1, 16, 1, 1),
-                            (1, 4, 0, 2), (1, 4, 1, 2), (1, 8, 0, 2), (1, 2, 1, 2), (1, 4, 0, 3), (1, 4, 1, 3),
-                            (1, 2, 0, 4), (1, 4, 0, 4)):
+    for r4, g, deep, sp, pf in ((1, 2, 0, 1, 0), (1, 4, 0, 1, 0), (2, 4, 0, 1, 0), (1, 8, 0, 1, 0), (2, 2, 0, 1, 0),
+                                (1, 16, 0, 1, 0), (1, 2, 1, 1, 0), (1, 4, 1, 1, 0), (1, 8, 1, 1, 0),
+                                (1, 16, 1, 1, 0), (1, 4, 0, 2, 0), (1, 4, 1, 2, 0), (1, 8, 0, 2, 0), (1, 2, 1, 2, 0),
+                                (1, 4, 0, 3, 0), (1, 4, 1, 3, 0), (1, 2, 0, 4, 0), (1, 4, 0, 4, 0),
+                                (1, 2, 0, 1, 1), (1, 4, 0, 1, 1), (2, 4, 0, 1, 1), (1, 8, 0, 1, 1), (1, 4, 0, 2, 1),
+                                (1, 2, 0, 4, 1), (1, 4, 0, 1, 4), (1, 8, 0, 1, 4), (1, 2, 0, 1, 8)):
         g = min(g, triton_next_pow2(nb))
-        c = dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=sp, num_warps=max(1, g // 2), num_stages=1)
+        c = dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=sp, PF=pf, num_warps=max(1, g // 2), num_stages=1)
         if sp > 1 and (sp - 1) * _il4_blocks_per_split(nb, c) >= nb:
             continue  # a program with nothing to do
+        if pf > 1 and pf * g >= nb:
+            continue  # a window past the end: the same as PF 1
         if c not in out:
             out.append(c)
     if INTERPRET:  # QRUN_IL4_SPLIT: the interpreter tests' way to run the split-K path
-        out = [dict(R4=2, G=2, DEEP=True, SPLIT=int(os.environ.get("QRUN_IL4_SPLIT", 1)), num_warps=1,
+        out = [dict(R4=2, G=2, DEEP=True, SPLIT=int(os.environ.get("QRUN_IL4_SPLIT", 1)), PF=0, num_warps=1,
                     num_stages=1)]
     return out
 
