@@ -27,7 +27,9 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qrun.kernels import ops  # noqa: E402
+from qrun.kernels.argmax import argmax_advance_kernel  # noqa: E402
 from qrun.kernels.decode_attention import combine_kernel, decode_attention_kernel, rope_attention_kernel  # noqa: E402
+from qrun.kernels.embedding import quant_embedding_kernel  # noqa: E402
 from qrun.kernels.gemm import gemm_kernel  # noqa: E402
 from qrun.kernels.gemv import gemv_kernel  # noqa: E402
 from qrun.kernels.gemv4 import gemv_int4_kernel  # noqa: E402
@@ -154,8 +156,19 @@ def attention_variants():
                4, 3)
 
 
+def step_variants():
+    # the decode step's head and tail: the quantized embedding lookup (every encoding) and the greedy argmax
+    for enc, dt in (("int8_sym", "bf16"), ("int4_sym", "fp16"), ("int4_asym", "bf16"), ("nf4", "fp32")):
+        yield (quant_embedding_kernel, ptrs(quant_embedding_kernel.arg_names[:6], dt, ids_ptr="*i64",
+                                            w_ptr="*i8" if enc == "int8_sym" else "*u8", s_ptr="*fp16",
+                                            z_ptr="*u8", code_ptr="*fp32"),
+               dict(ENC=enc, B=128, BLOCK=1024, PDL=True, INTERPRET=False), 4, 3)
+    yield (argmax_advance_kernel, ptrs(argmax_advance_kernel.arg_names[:5], "i64", l_ptr="*fp32", cnt_ptr="*i32"),
+           dict(BLOCK=4096, BB=1, PDL=True), 4, 3)
+
+
 FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "gemv4": gemv4_variants, "gemv": gemv_variants,
-            "gemm": gemm_variants, "attention": attention_variants}
+            "gemm": gemm_variants, "attention": attention_variants, "step": step_variants}
 
 
 def main() -> None:

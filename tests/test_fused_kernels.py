@@ -1,6 +1,6 @@
-"""The fused decode-step kernels (RMSNorm(+residual), RoPE + KV-cache write, decode attention) on the CPU
-under TRITON_INTERPRET=1, against the model's plain-torch code. One subprocess, because the interpreter flag
-must be set before triton is imported."""
+"""The fused decode-step kernels (RMSNorm(+residual), RoPE + KV-cache write, decode attention, the quantized
+embedding lookup, the greedy step's argmax + advance) on the CPU under TRITON_INTERPRET=1, against the model's
+plain-torch code. One subprocess, because the interpreter flag must be set before triton is imported."""
 from __future__ import annotations
 
 import json
@@ -87,7 +87,62 @@ def _run() -> dict:
     y2 = decode_attention(q, kc2, vc2, torch.tensor([200]))
     res["rope-attn-bf16"] = dict(err=(y1.float() - y2.float()).abs().max().item(), ok=bool(torch.equal(kc, kc2)
                                                                                           and torch.equal(vc, vc2)))
+    res.update(_embedding_cases())
+    res.update(_argmax_cases())
     return res
+
+
+def _embedding_cases() -> dict:
+    """quant_embedding against dequantize_parts of the gathered rows: bit-identical, every encoding and
+    activation dtype, a dim that is not a multiple of the quant block (padded table) nor of the kernel's
+    block, repeated ids."""
+    import torch
+
+    from qrun.kernels.embedding import quant_embedding
+    from qrun.kernels.ops import _code_table
+    from qrun.quant import dequantize_parts, quantize
+
+    res = {}
+    torch.manual_seed(1)
+    for enc in ("int8_sym", "int4_sym", "int4_asym", "nf4"):
+        for bs, dim in ((32, 200), (128, 72)):
+            qt = quantize(torch.randn(50, dim) * 2, enc, bs)
+            p = qt.parts
+            ids = torch.tensor([3, 49, 0, 3, 17])
+            for dt in (torch.bfloat16, torch.float16, torch.float32):
+                ref = dequantize_parts(enc, {k: v[ids] for k, v in p.items()}, (ids.numel(), dim), bs, dt)
+                y = quant_embedding(ids, p["qweight"], p["scales"], p.get("zeros"),
+                                    _code_table(ids.device) if enc == "nf4" else None, enc, bs, dim, dt)
+                res[f"emb-{enc}-{bs}-{dim}-{dt}"] = bool(y.dtype == dt and y.shape == ref.shape
+                                                         and torch.equal(y, ref))
+    return res
+
+
+def _argmax_cases() -> dict:
+    """argmax_advance against torch.argmax over three calls that reuse the scratch: ties (the first index must
+    win, also across the kernel's slices), all-negative rows, -inf, a vocabulary that is not a multiple of the
+    kernel's block; ids written in place, the position advanced once a call."""
+    import torch
+
+    from qrun.kernels.argmax import argmax_advance
+
+    torch.manual_seed(2)
+    ok = True
+    v = 5000
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    pos = torch.tensor([41])
+    for call in range(3):
+        logits = torch.randn(3, v)
+        if call == 0:
+            logits[0, 4999] = logits[0, 17] = 50.0  # a tie across slices: 17 wins
+            logits[1] = -torch.rand(v) - 1.0        # every logit negative
+            logits[2, :2500] = float("-inf")
+        if call == 1:
+            logits[:, 1030] = logits[:, 1025] = 9.0  # a tie inside one slice
+        argmax_advance(logits, ids, pos)
+        ok &= bool(torch.equal(ids.view(-1), logits.argmax(-1)))
+        ok &= int(pos) == 42 + call
+    return {"argmax": ok}
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +171,16 @@ def test_rope_attention_fused(results, case):
     r = results[f"rope-attn-{case}"]
     assert r["ok"], r
     assert r["err"] <= (1e-2 if case == "bf16" else 1e-5), r
+
+
+def test_quant_embedding(results):
+    cases = {k: v for k, v in results.items() if k.startswith("emb-")}
+    assert len(cases) == 4 * 2 * 3
+    assert all(cases.values()), [k for k, v in cases.items() if not v]
+
+
+def test_argmax_advance(results):
+    assert results["argmax"]
 
 
 if __name__ == "__main__":

@@ -356,3 +356,42 @@ def test_tc16_short_k_tail():
     _poison((1, n), torch.bfloat16)
     y = quant_linear(x, *to_tc16(*parts), None, encoding="int4_asym", block_size=64, in_features=k, layout="tc16")
     _check(y, _ref(x, parts, n, k, "int4_asym", 64))
+
+
+@pytest.mark.parametrize("enc", ["int8_sym", "int4_sym", "int4_asym", "nf4"])
+def test_quant_embedding_real_table(enc):
+    # The decode step's embedding lookup at Qwen2.5-7B's table size: bit-identical to dequantize_parts of the
+    # gathered rows (the CPU path), for ids anywhere in the table, repeated ones included.
+    from qrun.kernels import quant_embedding
+    from qrun.kernels.ops import _code_table
+    qt = quantize(torch.randn(152064, 3584, device=DEV), enc, 128)
+    p = qt.parts
+    ids = torch.tensor([0, 152063, 77777, 5, 77777], device=DEV)
+    for dt in (torch.bfloat16, torch.float16):
+        _poison((ids.numel(), 3584), dt)
+        y = quant_embedding(ids, p["qweight"], p["scales"], p.get("zeros"),
+                            _code_table(ids.device) if enc == "nf4" else None, enc, 128, 3584, dt)
+        ref = dequantize_parts(enc, {k: v[ids] for k, v in p.items()}, (ids.numel(), 3584), 128, dt)
+        assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_argmax_advance_real_vocab(b):
+    # The greedy step's argmax at a 152k vocabulary, called repeatedly on the same scratch: ids equal
+    # torch.argmax (the first index on ties, also between the kernel's slices), the position advances by one a
+    # call, and ids is written in place.
+    from qrun.kernels import argmax_advance
+    ids = torch.full((b, 1), -1, dtype=torch.long, device=DEV)
+    pos = torch.tensor([100], device=DEV)
+    for call in range(6):
+        logits = torch.randn(b, 152064, device=DEV) * 4
+        if call == 1:
+            logits[:, 150000] = logits[:, 3] = 1e4  # a tie across slices: 3 wins
+        if call == 2:
+            logits[:, 4097] = logits[:, 4096] = 1e4  # a tie inside a slice
+        if call == 3:
+            logits = -logits.abs() - 1.0  # every logit negative
+        argmax_advance(logits, ids, pos)
+        torch.cuda.synchronize()
+        assert torch.equal(ids.view(-1), logits.argmax(-1)), call
+        assert int(pos) == 101 + call

@@ -24,6 +24,9 @@ CUDA-only fused ops for the decode step (custom ops, capturable in a CUDA graph)
     rope_attention(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads) -> (B, H * hd): the two above
         in one kernel, the combine of the cache slices included; the model takes it when FUSED_ATTN
         (QRUN_FUSED_ATTN=1; off until it has run on a GPU: PERF.md round 5)
+    quant_embedding(ids (T,), qweight, scales, zeros, code, encoding, block_size, dim, dtype) -> (T, dim): the
+        dequantized table rows, as qrun/quant.py's dequantize_parts gives them (embedding.py)
+    argmax_advance(logits (B, V) float32, ids (B,), pos (1,)): ids = argmax(logits), pos += 1 (argmax.py)
 """
 from __future__ import annotations
 
@@ -40,8 +43,11 @@ try:  # triton is a Linux-only dependency; without it only the reference path ex
     from .rmsnorm import rms_norm  # noqa: F401  (CUDA: RMSNorm in one kernel)
     from .rope_cache import rope_kv_write  # noqa: F401  (CUDA decode step: RoPE + KV-cache write)
     from .decode_attention import rope_attention  # noqa: F401  (CUDA decode step: both of the above, one kernel)
+    from .embedding import quant_embedding, supported as embedding_supported  # noqa: F401  (CUDA: table lookup)
+    from .argmax import argmax_advance  # noqa: F401  (CUDA greedy step: token = argmax, position + 1)
 except ImportError:  # pragma: no cover
     _ops = decode_attention = rms_norm = rope_kv_write = rope_attention = None
+    quant_embedding = embedding_supported = argmax_advance = None
 FUSED_ATTN = os.environ.get("QRUN_FUSED_ATTN", "0") == "1"
 
 

@@ -153,6 +153,13 @@ class KVCache(nn.Module):
         return self.k_cache[:b], self.v_cache[:b]
 
 
+def gpu_decode(t: int, input_pos: torch.Tensor | None, x: torch.Tensor, head_dim: int) -> bool:
+    """A decode step (one token a sequence, cache positions given) on the GPU: attention takes the fused
+    decode kernels, which read the RoPE tables and the position themselves and need no mask."""
+    return t == 1 and input_pos is not None and x.is_cuda and kernels.decode_attention is not None \
+        and head_dim & (head_dim - 1) == 0
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -168,8 +175,7 @@ class Attention(nn.Module):
         kv_len: read only cache positions [0, kv_len) (S = kv_len), or the whole cache when None."""
         b, t, _ = x.shape
         qkv = self.qkv_proj(x, norm=norm)
-        if t == 1 and input_pos is not None and x.is_cuda and kernels.decode_attention is not None \
-                and self.hd & (self.hd - 1) == 0:
+        if gpu_decode(t, input_pos, x, self.hd):
             # Decode step on the GPU: RoPE + cache write in one kernel, attention reading only [0, pos].
             c = self.kv_cache
             if kernels.FUSED_ATTN:  # all of it in one kernel (QRUN_FUSED_ATTN=1)
@@ -260,15 +266,18 @@ class Transformer(nn.Module):
         every shape stays fixed.
         """
         t = tokens.shape[1]
-        if input_pos is None:
-            pos = torch.arange(t, device=tokens.device)
-            keys = pos
-        else:
-            pos = input_pos
-            keys = torch.arange(self.max_seq if kv_len is None else kv_len, device=tokens.device)
-        mask = keys[None, :] <= pos[:, None]  # (T, S)
         x = self.embed_tokens(tokens)
-        cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
+        if gpu_decode(t, input_pos, x, self.args.head_dim):
+            mask = cos = sin = None  # the decode kernels need neither (and in a graph step they cost launches)
+        else:
+            if input_pos is None:
+                pos = torch.arange(t, device=tokens.device)
+                keys = pos
+            else:
+                pos = input_pos
+                keys = torch.arange(self.max_seq if kv_len is None else kv_len, device=tokens.device)
+            mask = keys[None, :] <= pos[:, None]  # (T, S)
+            cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, kv_len)
         return self.lm_head(x[:, -1:] if last_only else x, norm=self.norm)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from qrun import kernels
 from qrun.runtime.sampling import greedy
 
 RING = 4  # pinned host slots per batch size: how many sampled tokens may be in flight unread
@@ -74,8 +75,12 @@ class GraphedDecodeStep:
 
     def _body(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = self.step(tok, pos)  # (B, V) float32
-        tok.copy_(greedy(logits).view(-1, 1))  # read by the embedding above, so written only now
-        pos.add_(1)
+        # tok is read by the embedding above, so written only now
+        if logits.is_cuda and kernels.argmax_advance is not None:
+            kernels.argmax_advance(logits, tok, pos)  # one kernel for the three lines below
+        else:
+            tok.copy_(greedy(logits).view(-1, 1))
+            pos.add_(1)
         return logits
 
     @torch.inference_mode()
