@@ -363,14 +363,12 @@ def test_quant_embedding_real_table(enc):
     # The decode step's embedding lookup at Qwen2.5-7B's table size: bit-identical to dequantize_parts of the
     # gathered rows (the CPU path), for ids anywhere in the table, repeated ones included.
     from qrun.kernels import quant_embedding
-    from qrun.kernels.ops import _code_table
     qt = quantize(torch.randn(152064, 3584, device=DEV), enc, 128)
     p = qt.parts
     ids = torch.tensor([0, 152063, 77777, 5, 77777], device=DEV)
     for dt in (torch.bfloat16, torch.float16):
         _poison((ids.numel(), 3584), dt)
-        y = quant_embedding(ids, p["qweight"], p["scales"], p.get("zeros"),
-                            _code_table(ids.device) if enc == "nf4" else None, enc, 128, 3584, dt)
+        y = quant_embedding(ids, p["qweight"], p["scales"], p.get("zeros"), enc, 128, 3584, dt)
         ref = dequantize_parts(enc, {k: v[ids] for k, v in p.items()}, (ids.numel(), 3584), 128, dt)
         assert torch.equal(y, ref)
 

@@ -24,7 +24,7 @@ CUDA-only fused ops for the decode step (custom ops, capturable in a CUDA graph)
     rope_attention(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads) -> (B, H * hd): the two above
         in one kernel, the combine of the cache slices included; the model takes it when FUSED_ATTN
         (QRUN_FUSED_ATTN=1; off until it has run on a GPU: PERF.md round 5)
-    quant_embedding(ids (T,), qweight, scales, zeros, code, encoding, block_size, dim, dtype) -> (T, dim): the
+    quant_embedding(ids (T,), qweight, scales, zeros, encoding, block_size, dim, dtype) -> (T, dim): the
         dequantized table rows, as qrun/quant.py's dequantize_parts gives them (embedding.py)
     argmax_advance(logits (B, V) float32, ids (B,), pos (1,)): ids = argmax(logits), pos += 1 (argmax.py)
 """

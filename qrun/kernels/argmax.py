@@ -59,8 +59,9 @@ def argmax_advance_kernel(
 
 
 def _slots(device: torch.device, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slots (>= b,) int64 and the arrival counter (1,) int32 of `device`, shared by every launch on it
-    (each launch leaves them reset)."""
+    """The slots (>= b,) int64 and the arrival counter (1,) int32 of `device`, shared by every launch on it:
+    each launch leaves them reset, and launches on one stream do not overlap (as ops._tile_counters; two
+    decode loops on two streams of one GPU at once would need their own)."""
     t = _scratch.get(device)
     if t is None or t[0].numel() < b:
         t = _scratch[device] = (torch.full((max(b, 8),), KEY_MIN, dtype=torch.int64, device=device),

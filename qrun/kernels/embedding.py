@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast, int4_values, int8_values
+from .ops import _code_table
 from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,17 +70,16 @@ def supported(encoding: str, scales: torch.Tensor) -> bool:
 
 @torch.library.custom_op("qrun::quant_embedding", mutates_args=())
 def quant_embedding(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    code: torch.Tensor | None, encoding: str, block_size: int, dim: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    encoding: str, block_size: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """ids (T,) long -> (T, dim) dtype: rows ids of the table (qweight (V, Kp/2 or Kp), scales (V, NB), zeros
-    (V, NB) for int4_asym, code the NF4 table for nf4), as dequantize_parts would give them."""
+    (V, NB) for int4_asym), as dequantize_parts would give them."""
     t = ids.numel()
     y = torch.empty(t, dim, dtype=dtype, device=ids.device)
     if t == 0:
         return y
     block = min(1024, triton.next_power_of_2(max(dim, 2)))  # each element finds its own scale: any BLOCK works
     z = zeros if zeros is not None else scales
-    c = code if code is not None else scales
+    c = _code_table(ids.device) if encoding == "nf4" else scales
     quant_embedding_kernel[(t, triton.cdiv(dim, block))](
         ids, qweight, scales, z, c, y, dim, qweight.stride(0), scales.stride(0), z.stride(0), ENC=encoding,
         B=block_size, BLOCK=block, INTERPRET=INTERPRET, num_warps=4, **pdl_kwargs(ids))
@@ -87,5 +87,5 @@ def quant_embedding(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 
 @quant_embedding.register_fake
-def _(ids, qweight, scales, zeros, code, encoding, block_size, dim, dtype):
+def _(ids, qweight, scales, zeros, encoding, block_size, dim, dtype):
     return torch.empty(ids.numel(), dim, dtype=dtype, device=ids.device)

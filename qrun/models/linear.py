@@ -147,8 +147,7 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)  # (B*T,)
         if flat.is_cuda and kernels.quant_embedding is not None and \
                 kernels.embedding_supported(self.encoding, self.scales):  # one kernel, the same values
-            code = kernels._ops._code_table(flat.device) if self.encoding == "nf4" else None
-            rows = kernels.quant_embedding(flat, self.qweight, self.scales, self.zeros, code, self.encoding,
+            rows = kernels.quant_embedding(flat, self.qweight, self.scales, self.zeros, self.encoding,
                                            self.block_size, self.dim, self.dtype)
             return rows.reshape(*ids.shape, self.dim)
         parts = {"qweight": self.qweight[flat], "scales": self.scales[flat]}
