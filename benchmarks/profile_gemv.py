@@ -3,9 +3,12 @@ for Nsight Compute:
 
     ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
         -k regex:gemv_il4 -s 3 -c 1 python3 benchmarks/profile_gemv.py [--shape gate_up|qkv|down|o] \
-        [--config R4xGxDEEPxWARPS]
+        [--config R4xGxDEEPxWARPS[xSPLITxPF]]
 
-The launch config is pinned (default 1x8x1x4), so no tuning launch is profiled. Four calls of each.
+The launch config is pinned (default 1x8x1x4, SPLIT 1, PF 0), so no tuning launch is profiled. Four calls of
+each. Round 9's question for ncu: why does the L2 prefetch (PF 1) leave 7B down and gate+up where they were
+(docs/PERF.md attempt 43)? Compare e.g. `--shape down --config 1x2x0x1x4x0` and `1x2x0x1x4x1` on
+dram__throughput, lts__t_sector_hit_rate and the warp stall reasons.
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ SHAPES = {"gate_up": (3584, 37888, True), "qkv": (3584, 4608, False), "down": (1
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="gate_up", choices=sorted(SHAPES))
-    ap.add_argument("--config", default="1x8x1x4", help="R4 x G x DEEP x warps of the il4 GEMV")
+    ap.add_argument("--config", default="1x8x1x4", help="R4 x G x DEEP x warps [x SPLIT x PF] of the il4 GEMV")
     a = ap.parse_args()
-    r4, g, deep, warps = map(int, a.config.split("x"))
-    ops._il4_candidates = lambda nb: [dict(R4=r4, G=g, DEEP=bool(deep), num_warps=warps, num_stages=1)]
+    r4, g, deep, warps, split, pf = (list(map(int, a.config.split("x"))) + [1, 0])[:6]
+    ops._il4_candidates = lambda nb: [dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=split, PF=pf, num_warps=warps,
+                                           num_stages=1)]
     k, n, silu = SHAPES[a.shape]
     qt = quantize(torch.randn(n, k, device="cuda"), "int4_sym", 128)
     qw, sc, _ = interleave4(qt.parts["qweight"], qt.parts["scales"], None)
