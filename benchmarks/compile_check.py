@@ -144,6 +144,11 @@ def attention_variants():
         yield (rope_attention_kernel,
                ptrs(rope_attention_kernel.arg_names[:11], dt, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
                     cnt_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32"), dict(att, PDL=True), 4, 3)
+        if nsplit > 1:  # QRUN_FUSED_ATTN=2: the combine left to combine_kernel
+            yield (rope_attention_kernel,
+                   ptrs(rope_attention_kernel.arg_names[:11], dt, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
+                        cnt_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32"),
+                   dict(att, PDL=True, COMBINE=False), 4, 3)
         yield (decode_attention_kernel,
                ptrs(decode_attention_kernel.arg_names[:8], dt, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32",
                     o_ptr="*fp32"), dict(att, PDL=True), 4, 3)

@@ -87,6 +87,15 @@ def _run() -> dict:
     y2 = decode_attention(q, kc2, vc2, torch.tensor([200]))
     res["rope-attn-bf16"] = dict(err=(y1.float() - y2.float()).abs().max().item(), ok=bool(torch.equal(kc, kc2)
                                                                                           and torch.equal(vc, vc2)))
+    # QRUN_FUSED_ATTN=2: RoPE, cache write and attention in one kernel, the slices combined by combine_kernel;
+    # the counters are not used and stay zero
+    kc3, vc3, cnt = kc2.clone(), vc2.clone(), torch.zeros(2 * kv, dtype=torch.int32)
+    kc3[:, :, 200] = 0
+    vc3[:, :, 200] = 0
+    y3 = rope_attention(x, cos, sin, torch.tensor([200]), kc3, vc3, cnt, hq, False)
+    res["rope-attn-bf16-kernel-combine"] = dict(
+        err=(y3.float() - y2.float()).abs().max().item(),
+        ok=bool(torch.equal(kc3, kc2) and torch.equal(vc3, vc2) and (cnt == 0).all()))
     res.update(_embedding_cases())
     res.update(_argmax_cases())
     return res
@@ -164,11 +173,11 @@ def test_decode_attention(results, case):
     assert results[f"attn-{case}"] <= 1e-5  # NaN (a read past the token) fails this too
 
 
-@pytest.mark.parametrize("case", ["100-37", "700-650", "700-0", "1000-999", "bf16"])
+@pytest.mark.parametrize("case", ["100-37", "700-650", "700-0", "1000-999", "bf16", "bf16-kernel-combine"])
 def test_rope_attention_fused(results, case):
     r = results[f"rope-attn-{case}"]
     assert r["ok"], r
-    assert r["err"] <= (1e-2 if case == "bf16" else 1e-5), r
+    assert r["err"] <= (1e-2 if case.startswith("bf16") else 1e-5), r
 
 
 def test_quant_embedding(results):

@@ -81,15 +81,16 @@ def test_fused_decode_matches_full_forward(model_file):
             assert (step - full[t]).abs().max() <= 1e-3 * full[t].abs().max(), t
 
 
+@pytest.mark.parametrize("mode", [1, 2])
 @pytest.mark.parametrize("graph", [False, True])
-def test_fused_rope_attention_matches_unfused(model_file, graph, monkeypatch):
-    """QRUN_FUSED_ATTN's one-kernel RoPE + cache write + attention + combine gives the logits of the three-kernel
-    path, eager and in a CUDA graph, with two cache slices (max_seq 256, the tiny config's limit: 2 slices of 128) and the token
+def test_fused_rope_attention_matches_unfused(model_file, graph, mode, monkeypatch):
+    """QRUN_FUSED_ATTN's one-kernel RoPE + cache write + attention + combine (mode 1; mode 2: the combine kernel
+    kept) gives the logits of the three-kernel path, eager and in a CUDA graph, with two cache slices (max_seq 256, the tiny config's limit: 2 slices of 128) and the token
     crossing a slice boundary (positions 120..139)."""
     import qrun
     from qrun import kernels
     outs = []
-    for fused in (False, True):
+    for fused in (0, mode):
         monkeypatch.setattr(kernels, "FUSED_ATTN", fused)
         llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=256, graph=graph)
         torch.manual_seed(0)

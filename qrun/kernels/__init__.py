@@ -23,7 +23,7 @@ CUDA-only fused ops for the decode step (custom ops, capturable in a CUDA graph)
     decode_attention(q (B, H, hd), k_cache, v_cache, input_pos) -> (B, H * hd)
     rope_attention(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads) -> (B, H * hd): the two above
         in one kernel, the combine of the cache slices included; the model takes it when FUSED_ATTN
-        (QRUN_FUSED_ATTN=1; off until it has run on a GPU: PERF.md round 5)
+        (QRUN_FUSED_ATTN=1; or =2: the combine stays a kernel of its own; both opt-in, PERF.md rounds 8-9)
     quant_embedding(ids (T,), qweight, scales, zeros, encoding, block_size, dim, dtype) -> (T, dim): the
         dequantized table rows, as qrun/quant.py's dequantize_parts gives them (embedding.py)
     argmax_advance(logits (B, V) float32, ids (B,), pos (1,)): ids = argmax(logits), pos += 1 (argmax.py)
@@ -48,7 +48,8 @@ try:  # triton is a Linux-only dependency; without it only the reference path ex
 except ImportError:  # pragma: no cover
     _ops = decode_attention = rms_norm = rope_kv_write = rope_attention = None
     quant_embedding = embedding_supported = argmax_advance = None
-FUSED_ATTN = os.environ.get("QRUN_FUSED_ATTN", "0") == "1"
+# "1": RoPE, cache write, attention and combine in one kernel; "2": the first three, then the combine kernel
+FUSED_ATTN = {"1": 1, "2": 2}.get(os.environ.get("QRUN_FUSED_ATTN", "0"), 0)
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

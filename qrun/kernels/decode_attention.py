@@ -188,10 +188,10 @@ def rope_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cnt_ptr, m_ptr, l_ptr, o_ptr, y_ptr,
     H, KV, S, CHUNK, scale, stride_qkv_b,
     G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PREC: tl.constexpr = "tf32",
+    INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PREC: tl.constexpr = "tf32", COMBINE: tl.constexpr = True,
 ):
     """decode_attention_kernel with rope_cache_kernel in front and combine_kernel behind, one launch instead of
-    three. Each program rotates the q of its G heads itself (a few hundred FMAs); the program whose slice holds
+    three (COMBINE False: two, the partials left to combine_kernel). Each program rotates the q of its G heads itself (a few hundred FMAs); the program whose slice holds
     the token's position rotates its k, writes k and v into the caches and then reads them back like any other
     position (a CTA barrier between); no other slice reads that position. The combine is done by the last of
     the NSPLIT programs of a (batch, KV head) to finish: each stores its partials, then (barrier, one thread)
@@ -237,7 +237,7 @@ def rope_attention_kernel(
         q = q.to(tl.float32)
     _attend_slice(q, kbase, vbase, start, end, scale, b * H + heads, rmask, split, m_ptr, l_ptr, o_ptr, y_ptr,
                   GP, HD, BLOCK_S, NSPLIT, INTERPRET, PREC)
-    if NSPLIT > 1:
+    if NSPLIT > 1 and COMBINE:
         tl.debug_barrier()  # every thread's partials before the counter's release
         arrived = tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel", scope="gpu")
         if arrived == NSPLIT - 1:  # the last slice of this KV head: combine its G heads
@@ -248,10 +248,12 @@ def rope_attention_kernel(
 @torch.library.custom_op("qrun::rope_attention", mutates_args=("k_cache", "v_cache", "counters"))
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, counters: torch.Tensor,
-                   n_heads: int) -> torch.Tensor:
+                   n_heads: int, combine_in_kernel: bool = True) -> torch.Tensor:
     """rope_kv_write + decode_attention in one kernel: qkv (B, 1, (H + 2 KV) * hd) of the token at input_pos
     (1,) -> (B, H * hd); rotated k and v written into k_cache / v_cache (B', KV, S, hd), B' >= B.
-    counters: int32 (>= B * KV,) zeros, owned by the caller and left at zero (one per cache)."""
+    counters: int32 (>= B * KV,) zeros, owned by the caller and left at zero (one per cache).
+    combine_in_kernel False: the cache slices are combined by combine_kernel after it (two launches), which
+    tells the cost of the in-kernel combine apart from that of the RoPE (QRUN_FUSED_ATTN=2)."""
     b = qkv.shape[0]
     _, kv, s, hd = k_cache.shape
     g = n_heads // kv
@@ -271,10 +273,13 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inpu
                                             n_heads, kv, s, chunk, 1.0 / math.sqrt(hd), qkv2.stride(0), G=g,
                                             GP=max(16, triton.next_power_of_2(g)), HD=hd, BLOCK_S=64,
                                             NSPLIT=nsplit, INTERPRET=INTERPRET, num_warps=4, **pdl_kwargs(qkv2),
-                                            PREC="ieee" if qkv.dtype == torch.float32 else "tf32")
+                                            PREC="ieee" if qkv.dtype == torch.float32 else "tf32",
+                                            COMBINE=combine_in_kernel)
+    if nsplit > 1 and not combine_in_kernel:
+        combine_kernel[(b * n_heads,)](m, l, o, y, HD=hd, NSPLIT=nsplit, num_warps=1, **pdl_kwargs(qkv2))
     return y
 
 
 @rope_attention.register_fake
-def _(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads):
+def _(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads, combine_in_kernel=True):
     return qkv.new_empty(qkv.shape[0], n_heads * k_cache.shape[-1])

@@ -178,9 +178,9 @@ class Attention(nn.Module):
         if gpu_decode(t, input_pos, x, self.hd):
             # Decode step on the GPU: RoPE + cache write in one kernel, attention reading only [0, pos].
             c = self.kv_cache
-            if kernels.FUSED_ATTN:  # all of it in one kernel (QRUN_FUSED_ATTN=1)
+            if kernels.FUSED_ATTN:  # all of it in one kernel (QRUN_FUSED_ATTN=1), or all but the combine (=2)
                 y = kernels.rope_attention(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, c.counters,
-                                           self.n_heads)
+                                           self.n_heads, kernels.FUSED_ATTN == 1)
             else:
                 q = kernels.rope_kv_write(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
                 y = kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos)
