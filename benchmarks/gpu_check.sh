@@ -2,7 +2,7 @@
 # A session's first device call in one command: install the carried wheels (zstandard, gguf, platformdirs are
 # not in the device image), check the kernels the last session changed, then print the timing tables.
 #
-#   bash benchmarks/gpu_check.sh [tests] [configs] [kernels] [decode] [tune]     (device tool, carry [".whl"])
+#   bash benchmarks/gpu_check.sh [tests] [configs] [kernels] [decode] [tune] [ncu]   (device tool, carry [".whl"])
 #
 # With no argument it runs all four; each stage has its own timeout so one slow stage cannot eat the call.
 # Outputs (JSON) go to $OUT.
@@ -31,7 +31,8 @@ for s in $stages; do
     kernels)
       timeout 220 python3 benchmarks/kernels.py --m 1,1024 --json "$OUT/kernels.json" 2>&1 | tail -26 ;;
     decode)
-      timeout 420 python3 benchmarks/decode.py --configs qwen2.5-7b,qwen2-0.5b --runs graph,prefill1024,tc16,hf \
+      timeout 420 python3 benchmarks/decode.py --configs qwen2.5-7b,qwen2-0.5b \
+        --runs ${DECODE_RUNS:-graph,prefill1024,tc16,hf} \
         --out "$OUT" 2>&1 | tail -14 ;;
     tune)  # pick the GEMV configs by timing the whole decode step, then qrun bench with those picks
       for cfg in qwen2-0.5b qwen2.5-7b; do
@@ -45,6 +46,15 @@ print('$cfg decode', round(r['decode_tok_s'], 1), 'prefill', round(r['prefill_to
       'warm-up', round(r['warmup_s'], 1))"
         done
       done ;;
-    *) echo "gpu_check: unknown stage $s (tests, configs, kernels, decode, tune)" ;;
+    ncu)  # why the L2 prefetch leaves 7B down where it is (PERF.md attempt 43): PF 0 against PF 1, same config
+      for cfg in 1x2x0x1x4x0 1x2x0x1x4x1 1x4x0x2x1x0 1x4x0x2x1x1; do
+        echo "--- 7B down, R4xGxDEEPxWARPSxSPLITxPF = $cfg"
+        timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+          --metrics lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+          -k regex:gemv_il4 -s 3 -c 1 python3 benchmarks/profile_gemv.py --shape down --config $cfg 2>&1 \
+          | grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit|lts__t_sector_hit|dram__throughput|Stall|Issued Warp" \
+          | head -24
+      done ;;
+    *) echo "gpu_check: unknown stage $s (tests, configs, kernels, decode, tune, ncu)" ;;
   esac
 done
