@@ -52,7 +52,8 @@ print('$cfg decode', round(r['decode_tok_s'], 1), 'prefill', round(r['prefill_to
         timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
           --metrics lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed \
           -k regex:gemv_il4 -s 3 -c 1 python3 benchmarks/profile_gemv.py --shape down --config $cfg 2>&1 \
-          | grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Hit|lts__t_sector_hit|dram__throughput|Stall|Issued Warp" \
+          | grep -E -e "Duration|DRAM Throughput|Memory Throughput|L2 Hit|lts__t_sector_hit|dram__throughput" \
+          -e "Stall|Issued Warp" \
           | head -24
       done ;;
     *) echo "gpu_check: unknown stage $s (tests, configs, kernels, decode, tune, ncu)" ;;

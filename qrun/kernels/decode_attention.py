@@ -191,9 +191,10 @@ def rope_attention_kernel(
     INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PREC: tl.constexpr = "tf32", COMBINE: tl.constexpr = True,
 ):
     """decode_attention_kernel with rope_cache_kernel in front and combine_kernel behind, one launch instead of
-    three (COMBINE False: two, the partials left to combine_kernel). Each program rotates the q of its G heads itself (a few hundred FMAs); the program whose slice holds
-    the token's position rotates its k, writes k and v into the caches and then reads them back like any other
-    position (a CTA barrier between); no other slice reads that position. The combine is done by the last of
+    three (COMBINE False: two, the partials left to combine_kernel). Each program rotates the q of its G heads
+    itself (a few hundred FMAs); the program whose slice holds the token's position rotates its k, writes k and
+    v into the caches and then reads them back like any other position (a CTA barrier between); no other slice
+    reads that position. The combine is done by the last of
     the NSPLIT programs of a (batch, KV head) to finish: each stores its partials, then (barrier, one thread)
     increments the counter with acq_rel at GPU scope, the pattern of CUTLASS's split-K semaphore; the one
     that sees NSPLIT - 1 reads every partial through L2 and resets the counter for the next launch."""
