@@ -123,9 +123,10 @@ def gemm_variants():
         for c in ops._gemm_candidates(m, 128):
             c = dict(c)
             nw, ns = c.pop("num_warps"), c.pop("num_stages")
+            # M = 1024 on il4 (prefill of the real models: whole tiles) without load masks, as the launcher runs it
             yield (gemm_kernel, ptrs(base, "bf16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
                    dict(ENC=enc, B=128, HAS_BIAS=not silu, SILU=silu, SPLIT_K=1 if silu or m > 64 else 4,
-                        LAY=lay, INTERPRET=False, **c), nw, ns)
+                        LAY=lay, INTERPRET=False, EVEN=m == 1024 and lay == 1, **c), nw, ns)
     for c in ops._gemm_candidates(64, 128):  # int8 and nf4 have only the canonical layout
         c = dict(c)
         nw, ns = c.pop("num_warps"), c.pop("num_stages")

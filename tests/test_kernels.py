@@ -66,6 +66,14 @@ def cases():
             layout="il4", tile=tile)))
     out.append(("il4-fp16-gemv", dict(enc="int4_sym", b=128, m=1, n=24, k=300, dtype="float16", bias=True,
                                       silu=False, layout="il4")))
+    # whole tiles along M, N and K (the interpreter's 16 x 16 x 32 GEMM tiles): the GEMM without load masks
+    # (EVEN), in every layout, plain, with bias and as the fused gate+up
+    for lay, enc, b in (("il4", "int4_asym", 32), ("rows", "int8_sym", 32), ("tc16", "int4_sym", 64),
+                        ("il4", "int4_sym", 64)):
+        out.append((f"even-{lay}-{enc}", dict(enc=enc, b=b, m=16, n=32, k=128, dtype="bfloat16", bias=True,
+                                              silu=False, layout=lay, even=True)))
+        out.append((f"even-{lay}-{enc}-silu", dict(enc=enc, b=b, m=32, n=2 * 32, k=128, dtype="bfloat16",
+                                                   bias=False, silu=True, layout=lay, even=True)))
     # il4 split-K (SPLIT programs a row group along K, the last to arrive sums the partials and the sums of x^2):
     # K = 200 / 300 at B = 32 is 7 / 10 blocks, so the last program gets fewer steps than the others
     for name, c in (("plain", dict(enc="int4_sym", b=32, n=36, k=200, bias=False, silu=False, split=2)),
@@ -117,6 +125,7 @@ def cases():
 def _run_cases() -> dict:
     import torch
 
+    from qrun.kernels import ops
     from qrun.kernels.layout import to_layout
     from qrun.kernels.ops import quant_linear_silu_mul_triton, quant_linear_triton
     from qrun.kernels.reference import parts_of
@@ -156,6 +165,8 @@ def _run_cases() -> dict:
         ok_shape = tuple(y.shape) == tuple(ref.shape) and y.dtype == dtype
         err = ((y.double() - ref).norm() / ref.norm()).item() if ok_shape else float("inf")
         res[name] = dict(err=err, finite=bool(torch.isfinite(y).all()), shape_ok=ok_shape)
+        if lead[-1] > 1 and not isinstance(c["m"], tuple):  # a GEMM: did it run without masks exactly when even?
+            res[name]["even_ok"] = ops.LAST.get("gemm_even") == c.get("even", False)
 
     # The custom op through torch.library's own checks (schema, fake tensor, autograd registration).
     import qrun.kernels.ops  # noqa: F401  (registers qrun::quant_linear)
@@ -182,6 +193,7 @@ def test_kernel_matches_reference(results, name):
     r = results[name]
     assert r["shape_ok"] and r["finite"], r
     assert r["err"] <= TOL, r
+    assert r.get("even_ok", True), r
 
 
 def test_custom_op_fake_and_schema(results):

@@ -321,9 +321,10 @@ def test_tc16_gate_up_gemm_7b_repeated():
 
 @pytest.mark.parametrize("layout", ["il4", "tc16"])
 def test_prefill_gemm_every_config(layout):
-    # M = 1024 (prefill), Qwen2.5-7B's o shape, each GEMM config ops may pick for the layout, twice: round 7
-    # made the il4 and tc16 GEMMs read tiles in memory order and permute them in registers, and two tc16 configs
-    # came out wrong at this M (ops.TC16_BAD_GEMM leaves them out)
+    # M = 1024 (prefill), Qwen2.5-7B's o shape (whole tiles: the GEMM's EVEN path, no load masks), each GEMM
+    # config ops may pick for the layout, twice: round 7 made the il4 and tc16 GEMMs read tiles in memory order
+    # and permute them in registers, and two tc16 configs came out wrong at this M (ops.TC16_BAD_GEMM leaves
+    # them out)
     import qrun.kernels.ops as ops
     from qrun.kernels.layout import to_layout
     torch.manual_seed(13)
@@ -342,6 +343,7 @@ def test_prefill_gemm_every_config(layout):
                 _poison((m, n), torch.bfloat16)
                 y = quant_linear(x, *lp, None, encoding="int4_asym", block_size=128, in_features=k, layout=layout)
                 _check(y, ref, tol=4e-3)
+                assert ops.LAST["gemm_even"]  # whole tiles: the kernel ran without load masks
     finally:
         ops._gemm_candidates = orig
 

@@ -50,7 +50,8 @@ def _tc16_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB:
 
 
 @triton.jit
-def _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB: tl.constexpr):
+def _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB: tl.constexpr,
+              EVEN: tl.constexpr = False):
     """uint8 (BLOCK_N, BKB): packed bytes [row0 + n, kb0 + p] of an "il4" weight, read in memory order (the
     4 * BKB bytes of each 4-row group are contiguous: [p // 4, n % 4, p % 4]) and put in (row, byte) order in
     registers. Why: gathered at their (row, byte) addresses they made 4-byte cp.async copies, 16-byte ones
@@ -58,7 +59,10 @@ def _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB: 
     R: tl.constexpr = BLOCK_N // 4
     g = tl.arange(0, R)
     off = (row0 // 4 + g)[:, None] * (4 * stride_wn) + (kb0 // 4) * 16 + tl.arange(0, 4 * BKB)[None, :]
-    q = tl.load(w_ptr + off, mask=((row0 + 4 * g) < row_lim)[:, None], other=0)     # (R, 4 * BKB)
+    if EVEN:  # every row of the tile exists
+        q = tl.load(w_ptr + off)                                                     # (R, 4 * BKB)
+    else:
+        q = tl.load(w_ptr + off, mask=((row0 + 4 * g) < row_lim)[:, None], other=0)
     q = tl.permute(tl.reshape(q, (R, BKB // 4, 4, 4)), (0, 2, 1, 3))               # [g, n % 4, p // 4, p % 4]
     return tl.reshape(q, (BLOCK_N, BKB))
 
@@ -68,7 +72,7 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
                stride_wn, stride_sn, stride_zn,
                ENC: tl.constexpr, B: tl.constexpr, SPLIT_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-               LAY: tl.constexpr, INTERPRET: tl.constexpr):
+               LAY: tl.constexpr, INTERPRET: tl.constexpr, EVEN: tl.constexpr = False):
     """float32 (BLOCK_N, BLOCK_M) = W[rows] @ x[offs_m]^T over this program's share of K."""
     BKB: tl.constexpr = BLOCK_K if ENC == "int8_sym" else BLOCK_K // 2  # packed bytes per K tile
     offs_kb = tl.arange(0, BKB)
@@ -93,7 +97,7 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
         # KP is a multiple of B, and B of BLOCK_K: no mask along K for the weight.
         kb0 = k0 // (BLOCK_K // BKB)                                            # first byte column
         if LAY == 1:
-            q = _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N, BKB)
+            q = _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N, BKB, EVEN)
         elif LAY == 2:
             q = _tc16_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N, BKB)
         else:
@@ -103,9 +107,15 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
             g = g * 4
         elif LAY == 2:
             g = g * 16
-        s = tl.load(s_ptr + srow + g, mask=rmask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        if EVEN:
+            s = tl.load(s_ptr + srow + g).to(tl.float32)  # (BLOCK_N,)
+        else:
+            s = tl.load(s_ptr + srow + g, mask=rmask, other=0.0).to(tl.float32)
         if ENC == "int4_asym":
-            c = -tl.load(z_ptr + zrow + g, mask=rmask, other=0).to(tl.float32) * s
+            if EVEN:
+                c = -tl.load(z_ptr + zrow + g).to(tl.float32) * s
+            else:
+                c = -tl.load(z_ptr + zrow + g, mask=rmask, other=0).to(tl.float32) * s
         elif ENC == "int4_sym":
             c = -8.0 * s
         elif ENC == "int8_sym":
@@ -120,8 +130,11 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
             hi = hi * s[:, None] + c[:, None]
             w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         kk = k0 + offs_k
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
-                     mask=mmask[None, :] & (kk < K)[:, None], other=0.0)      # (BLOCK_K, BLOCK_M)
+        if EVEN:  # whole M and K tiles
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None])    # (BLOCK_K, BLOCK_M)
+        else:
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                         mask=mmask[None, :] & (kk < K)[:, None], other=0.0)
         w = cast(w, xt.dtype, INTERPRET)
         if INTERPRET:  # the CPU interpreter's bf16/fp16 tl.dot is wrong (triton 3.9): same roundings, fp32 dot
             w = w.to(tl.float32)
@@ -145,8 +158,9 @@ def gemm_kernel(
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = True,
-    LAY: tl.constexpr = 0, INTERPRET: tl.constexpr = False,
+    LAY: tl.constexpr = 0, INTERPRET: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):
+    """EVEN: M, N_OUT and K are whole multiples of the tiles (K = KP), so no load needs a mask."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N_OUT
@@ -154,12 +168,12 @@ def gemm_kernel(
     row0 = tl.program_id(0) * BLOCK_N
     acc = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, N_OUT, rmask, offs_m, mmask, K, KP, stride_xm,
                      stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, LAY,
-                     INTERPRET)
+                     INTERPRET, EVEN)
     if SILU:  # the launcher never combines SILU with SPLIT_K > 1 (silu is not additive)
         up = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows + N_OUT, row0 + N_OUT, 2 * N_OUT, rmask, offs_m,
                         mmask, K, KP,
                         stride_xm, stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M,
-                        BLOCK_K, SWAP, LAY, INTERPRET)
+                        BLOCK_K, SWAP, LAY, INTERPRET, EVEN)
         acc = acc / (1.0 + tl.exp(-acc)) * up
     if HAS_BIAS:
         if tl.program_id(2) == 0:

@@ -538,6 +538,9 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             return 1
         return max(1, min(triton_cdiv(2 * sms, tiles), kp // c["BLOCK_K"] // 4, 16))
 
+    def even(c):  # whole tiles along M, N and K: the kernel drops every load mask (11% fewer SASS a K step)
+        return m % c["BLOCK_M"] == 0 and n_out % c["BLOCK_N"] == 0 and k == kp and kp % c["BLOCK_K"] == 0
+
     def launch(c, out=None):
         split = split_of(c)
         if out is None:
@@ -546,11 +549,12 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         LAST["gemm"] = gemm_kernel[grid](x2, qweight, scales, z, code, b, out, m, n_out, k, kp, x2.stride(0),
                           qweight.stride(0), scales.stride(0), z.stride(0), out.stride(0),
                           ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, SPLIT_K=split,
-                          LAY=LAYOUTS.index(layout), INTERPRET=INTERPRET, **c)
+                          LAY=LAYOUTS.index(layout), INTERPRET=INTERPRET, EVEN=even(c), **c)
         return out
 
     cfg = LAST["gemm_cfg"] = _pick((dev, "gemm", mb) + common, cands, launch)
     LAST["gemm_split"] = split_of(cfg)
+    LAST["gemm_even"] = even(cfg)
     out = launch(cfg)
     if out is not y:
         y.copy_(out)
