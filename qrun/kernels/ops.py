@@ -39,6 +39,9 @@ FUSE_MAX_WEIGHTS = int(os.environ.get("QRUN_FUSE_MAX_WEIGHTS", 10**15))
 # 1: gate+up on tc16 at M > 1 through the fused SILU GEMM (wrong rows seen on the H100; for diagnosis only)
 TC16_SILU_GEMM = os.environ.get("QRUN_TC16_SILU_GEMM", "0") == "1"
 PDL_MAX_K = int(os.environ.get("QRUN_PDL_MAX_K", 8192))  # the il4 GEMV is launched without PDL from this K on
+# 1: the GEMM drops its load masks where M, N and K are whole tiles (gemm.py EVEN). Off until it has run on a GPU
+# (written after round 9's device time; docs/PERF.md attempt 46).
+GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "0") == "1"
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -539,7 +542,8 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         return max(1, min(triton_cdiv(2 * sms, tiles), kp // c["BLOCK_K"] // 4, 16))
 
     def even(c):  # whole tiles along M, N and K: the kernel drops every load mask (11% fewer SASS a K step)
-        return m % c["BLOCK_M"] == 0 and n_out % c["BLOCK_N"] == 0 and k == kp and kp % c["BLOCK_K"] == 0
+        return GEMM_EVEN and m % c["BLOCK_M"] == 0 and n_out % c["BLOCK_N"] == 0 and k == kp \
+            and kp % c["BLOCK_K"] == 0
 
     def launch(c, out=None):
         split = split_of(c)
