@@ -22,6 +22,7 @@ from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEY_MIN = -(1 << 63)
+_KEY_MIN = tl.constexpr(KEY_MIN)  # the same, for the kernel
 _scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -44,14 +45,14 @@ def argmax_advance_kernel(
     bits = x.to(tl.int32, bitcast=True)
     mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order of mono = float order of x
     key = (mono.to(tl.int64) << 32) | (2147483647 - i).to(tl.int64)
-    key = tl.where(i < V, key, -9223372036854775807 - 1)
+    key = tl.where(i < V, key, _KEY_MIN)
     tl.atomic_max(slot_ptr + b, tl.max(key, axis=0), sem="relaxed", scope="gpu")
     tl.debug_barrier()  # the max is in before the counter's release
     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last program: every max is in
         r = tl.arange(0, BB)
         # read and reset each slot in one atomic (the slots' last writes were atomics too)
-        best = tl.atomic_xchg(slot_ptr + r, tl.full((BB,), -9223372036854775807 - 1, tl.int64), mask=r < B,
+        best = tl.atomic_xchg(slot_ptr + r, tl.full((BB,), _KEY_MIN, tl.int64), mask=r < B,
                               sem="relaxed", scope="gpu")
         tl.store(ids_ptr + r, 2147483647 - (best & 0xFFFFFFFF), mask=r < B)
         tl.store(pos_ptr, tl.load(pos_ptr) + 1)
