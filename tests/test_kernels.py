@@ -132,7 +132,7 @@ def _run_cases() -> dict:
     from qrun.quant import dequantize_parts, quantize
 
     torch.manual_seed(0)
-    ops.GEMM_EVEN = True  # opt-in on the GPU until it has run there (QRUN_GEMM_EVEN); the cases below expect it
+    ops.GEMM_EVEN = True  # the default (QRUN_GEMM_EVEN=0 turns it off); the cases below expect it
     res = {}
     for name, c in cases():
         os.environ["QRUN_TC16_SPLIT"] = os.environ["QRUN_IL4_SPLIT"] = str(c.get("split", 1))  # read per launch

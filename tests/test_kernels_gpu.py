@@ -334,7 +334,7 @@ def test_prefill_gemm_every_config(layout, monkeypatch):
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ w.T
     lp = to_layout(layout, *parts)
-    monkeypatch.setattr(ops, "GEMM_EVEN", True)  # the opt-in path (QRUN_GEMM_EVEN=1) until this test has passed
+    monkeypatch.setattr(ops, "GEMM_EVEN", True)  # the default, set here so that QRUN_GEMM_EVEN=0 cannot skip it
     orig = ops._gemm_candidates
     try:
         for cfg in orig(m, 128, layout):

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A/B of one environment setting on the tuned decode step, in alternating fresh processes (device tool, carry
+# [".whl"]): for each config, convert a random-weight model, `qrun tune` it with the defaults, then
+# `qrun bench --prompt-len 128 --gen-len 256` ROUNDS times with and without the setting, alternating, so that
+# drift between processes falls on both sides.
+#
+#   AB_ENV="QRUN_IL4_EVICT=evict_first" CONFIGS="qwen2.5-7b qwen2-0.5b" ROUNDS=2 bash benchmarks/ab_env.sh
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "ab_env: could not install .whl/*.whl (carry .whl)"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/qrun-out}
+mkdir -p "$OUT"
+for cfg in ${CONFIGS:-qwen2.5-7b qwen2-0.5b}; do
+  python3 -m qrun.cli.main convert --random $cfg -o /tmp/$cfg.stcmp -q
+  timeout 200 python3 -m qrun.cli.main tune --model /tmp/$cfg.stcmp -q 2>&1 | tail -1
+  for i in $(seq ${ROUNDS:-2}); do
+    for side in base ab; do
+      if [ $side = ab ]; then envs="$AB_ENV"; else envs=""; fi
+      env $envs timeout 100 python3 -m qrun.cli.main bench --model /tmp/$cfg.stcmp --prompt-len 128 --gen-len 256 \
+        --json | tee -a "$OUT/ab-$cfg.jsonl" | tail -1 | python3 -c "import json, sys
+r = json.load(sys.stdin)
+print('$cfg', '$side', '${envs:-default}', 'decode', round(r['decode_tok_s'], 1))"
+    done
+  done
+done
