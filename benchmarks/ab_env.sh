@@ -4,7 +4,7 @@
 # `qrun bench --prompt-len 128 --gen-len 256` ROUNDS times with and without the setting, alternating, so that
 # drift between processes falls on both sides.
 #
-#   AB_ENV="QRUN_IL4_EVICT=evict_first" CONFIGS="qwen2.5-7b qwen2-0.5b" ROUNDS=2 bash benchmarks/ab_env.sh
+#   AB_ENV="QRUN_PDL_MAX_K=1000000" CONFIGS="qwen2.5-7b qwen2-0.5b" ROUNDS=2 bash benchmarks/ab_env.sh
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "ab_env: could not install .whl/*.whl (carry .whl)"; exit 1; }

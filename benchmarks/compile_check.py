@@ -92,7 +92,7 @@ def il4_variants():
         yield (gemv_il4_kernel, ptrs(base, "bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", part_ptr="*fp32",
                                      cnt_ptr="*i32"),
                dict(ENC=enc, B=128, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, PDL=pdl,
-                    INTERPRET=False, EVICT="evict_first" if pdl else "", **c), nw, ns)
+                    INTERPRET=False, **c), nw, ns)
 
 
 def gemv4_variants():
@@ -155,10 +155,8 @@ def attention_variants():
                     o_ptr="*fp32"), dict(att, PDL=True), 4, 3)
         yield (combine_kernel, ptrs(("m_ptr", "l_ptr", "o_ptr", "y_ptr"), "fp32", y_ptr=f"*{dt}"),
                dict(HD=hd, NSPLIT=max(nsplit, 2), PDL=True), 1, 3)
-        for npf in (0, 6):  # QRUN_L2_AHEAD: o's and the next qkv's parts (asym: 3 + 3 ranges)
-            yield (rope_cache_kernel, dict(ptrs(rope_cache_kernel.arg_names[:7], dt, cos_ptr="*fp32",
-                                                sin_ptr="*fp32", pos_ptr="*i64"), pf_ptr="*i64"),
-                   dict(HD=hd, INTERPRET=False, PDL=True, NPF=npf), 1, 3)
+        yield (rope_cache_kernel, ptrs(rope_cache_kernel.arg_names[:7], dt, cos_ptr="*fp32", sin_ptr="*fp32",
+                                       pos_ptr="*i64"), dict(HD=hd, INTERPRET=False, PDL=True), 1, 3)
     for dt, block in (("bf16", 1024), ("fp32", 4096)):
         yield (rms_norm_kernel, ptrs(("x_ptr", "w_ptr", "y_ptr"), dt), dict(BLOCK=block, INTERPRET=False, PDL=True),
                4, 3)

@@ -28,10 +28,7 @@ ENVS = {"nopdl": {"QRUN_PDL": "0"}, "cap12m": {"QRUN_FUSE_MAX_WEIGHTS": "1200000
         "nofuse": {"QRUN_FUSE_NORM": "0"}, "rows": {"QRUN_LAYOUT": "rows"},
         "tc16": {"QRUN_LAYOUT": "tc16"}, "fattn": {"QRUN_FUSED_ATTN": "1"}, "fattn2": {"QRUN_FUSED_ATTN": "2"},
         "tc16fattn": {"QRUN_LAYOUT": "tc16", "QRUN_FUSED_ATTN": "1"}, "attn64": {"QRUN_ATTN_SLICE": "64"},
-        "il4": {"QRUN_LAYOUT": "il4"}, "il4prefill1024": {"QRUN_LAYOUT": "il4"},
-        "l2o": {"QRUN_L2_AHEAD": "o"}, "evict": {"QRUN_IL4_EVICT": "evict_first"},
-        "l2oqkv": {"QRUN_L2_AHEAD": "o,qkv", "QRUN_IL4_EVICT": "evict_first"},
-        "l2oqkvkeep": {"QRUN_L2_AHEAD": "o,qkv"}}
+        "il4": {"QRUN_LAYOUT": "il4"}, "il4prefill1024": {"QRUN_LAYOUT": "il4"}}
 
 
 def main() -> None:
@@ -41,7 +38,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qrun-bench")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--runs", default="graph,eager,prefill1024,hf", help="which runs to make, of "
-                    "graph,nopdl (graph without programmatic dependent launch),cap12m (RMSNorm/residual fused only into GEMVs of <= 12 M weights, the old default),nofuse (never fused),rows (canonical int4 layout, not il4 or tc16),tc16 (the tensor-core GEMV for o and down where they have a 16-row tile per SM),il4 and il4prefill1024 (graph and prefill1024 with QRUN_LAYOUT=il4 set explicitly, the default),int4head (embed_tokens and lm_head int4 g128 too, like gpt-fast's int4),fattn (RoPE + cache write + attention + combine in one kernel),fattn2 (the same but the combine kernel kept),tc16fattn (tc16 and fattn),attn64 (attention slices of 64 cache positions),l2o (the RoPE kernel prefetches the o weights into L2),evict (the il4 GEMV's weight loads evict-first),l2oqkv (o and the next layer's qkv prefetched, loads evict-first),l2oqkvkeep (the same without evict-first),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
+                    "graph,nopdl (graph without programmatic dependent launch),cap12m (RMSNorm/residual fused only into GEMVs of <= 12 M weights, the old default),nofuse (never fused),rows (canonical int4 layout, not il4 or tc16),tc16 (the tensor-core GEMV for o and down where they have a 16-row tile per SM),il4 and il4prefill1024 (graph and prefill1024 with QRUN_LAYOUT=il4 set explicitly, the default),int4head (embed_tokens and lm_head int4 g128 too, like gpt-fast's int4),fattn (RoPE + cache write + attention + combine in one kernel),fattn2 (the same but the combine kernel kept),tc16fattn (tc16 and fattn),attn64 (attention slices of 64 cache positions),sync (graph, token read before the next step),eager,prefill1024,hf (transformers BF16 on the same weights)")
     ap.add_argument("--tune", action="store_true", help="run `qrun tune` on each model first (its picks are "
                     "stored on disk and used by the runs under the default settings)")
     a = ap.parse_args()
@@ -71,8 +68,6 @@ def main() -> None:
                 ("fattn", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # one-kernel RoPE + attention
                 ("fattn2", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # the same, combine kept apart
                 ("tc16fattn", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # both
-                *[(v, ["--prompt-len", "128", "--gen-len", str(a.gen_len)])  # L2 prefetch ahead (l2.py)
-                  for v in ("l2o", "evict", "l2oqkv", "l2oqkvkeep")],
                 ("int4head", ["--prompt-len", "128", "--gen-len", str(a.gen_len)]),  # lm_head int4 too
                 ("sync", ["--prompt-len", "128", "--gen-len", str(a.gen_len), "--no-run-ahead"]),
                 ("eager", ["--prompt-len", "128", "--gen-len", "64", "--no-graph"]),

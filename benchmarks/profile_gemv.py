@@ -9,6 +9,11 @@ The launch config is pinned (default 1x8x1x4, SPLIT 1, PF 0), so no tuning launc
 each. Round 9's question for ncu: why does the L2 prefetch (PF 1) leave 7B down and gate+up where they were
 (docs/PERF.md attempt 43)? Compare e.g. `--shape down --config 1x2x0x1x4x0` and `1x2x0x1x4x1` on
 dram__throughput, lts__t_sector_hit_rate and the warp stall reasons.
+
+--m M > 1 runs the prefill GEMM instead (`-k regex:gemm_kernel`), pinned to --gemm-config
+BLOCK_N x BLOCK_M x BLOCK_K x warps x stages x SWAP (default 128x256x64x8x3x1). Round 10's question: do the
+dequantization and the wgmma of a K step overlap (docs/PERF.md round 10's last paragraph)? Compare the tensor
+pipe's utilization (ComputeWorkloadAnalysis) with the issue slots busy.
 """
 from __future__ import annotations
 
@@ -33,14 +38,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="gate_up", choices=sorted(SHAPES))
     ap.add_argument("--config", default="1x8x1x4", help="R4 x G x DEEP x warps [x SPLIT x PF] of the il4 GEMV")
+    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--gemm-config", default="128x256x64x8x3x1")
     a = ap.parse_args()
+    bn, bm, bk, gw, gs, swap = map(int, a.gemm_config.split("x"))
+    ops._gemm_candidates = lambda *args, **kw: [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SWAP=bool(swap),
+                                                     num_warps=gw, num_stages=gs)]
     r4, g, deep, warps, split, pf = (list(map(int, a.config.split("x"))) + [1, 0])[:6]
     ops._il4_candidates = lambda nb: [dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=split, PF=pf, num_warps=warps,
                                            num_stages=1)]
     k, n, silu = SHAPES[a.shape]
     qt = quantize(torch.randn(n, k, device="cuda"), "int4_sym", 128)
     qw, sc, _ = interleave4(qt.parts["qweight"], qt.parts["scales"], None)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(a.m, k, device="cuda", dtype=torch.bfloat16)
     packed = torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8,
                                                              device="cuda"), 8)
     sz = (torch.rand(k // 128, n, 2, device="cuda") * 0.01).to(torch.bfloat16)

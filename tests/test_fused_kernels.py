@@ -40,13 +40,6 @@ def _run() -> dict:
     res["rope-q"] = (q - qref).abs().max().item()
     res["rope-k"] = (kc[:, :, 37] - kref).abs().max().item()
     res["rope-v"] = (vc[:, :, 37] - vr.view(b, kv, hd)).abs().max().item()
-    # with L2 ranges to prefetch (l2.py): the same results (the prefetch itself is PTX, off in the interpreter:
-    # this checks the launch and the descriptor; test_gpu_model checks it on the GPU)
-    from qrun.kernels.l2 import l2_ranges
-    kc2, vc2 = kc.clone(), vc.clone()
-    kc2[:, :, 37] = vc2[:, :, 37] = 7.0
-    q2 = rope_kv_write(qkv, cos, sin, pos, kc2, vc2, hq, l2_ranges([cos, sin, qkv]))
-    res["rope-prefetch"] = bool(torch.equal(q2, q) and torch.equal(kc2, kc) and torch.equal(vc2, vc))
     kc[:, :, 37] = 7.0
     vc[:, :, 37] = 7.0
     res["rope-untouched"] = float(((kc != 7.0).sum() + (vc != 7.0).sum()).item())
@@ -173,7 +166,6 @@ def test_rms_norm(results):
 def test_rope_cache_write(results):
     assert results["rope-q"] <= 1e-5 and results["rope-k"] <= 1e-5 and results["rope-v"] == 0.0
     assert results["rope-untouched"] == 0.0  # only position 37 was written
-    assert results["rope-prefetch"]
 
 
 @pytest.mark.parametrize("case", ["100-37", "700-650", "700-0", "1000-999"])

@@ -107,35 +107,6 @@ def test_fused_rope_attention_matches_unfused(model_file, graph, mode, monkeypat
     assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[0].abs().max()
 
 
-@pytest.mark.parametrize("ahead", ["o", "o,qkv"])
-def test_l2_ahead_changes_no_result(model_file, ahead, monkeypatch):
-    """QRUN_L2_AHEAD (the RoPE kernel prefetching the o and next qkv weights into L2) with QRUN_IL4_EVICT
-    (evict-first weight loads) gives bit for bit the graph decode of neither: a prefetch is a hint and an
-    eviction policy moves no value. A bad range would fault here."""
-    import qrun
-    from qrun import kernels
-    from qrun.kernels import ops
-    from qrun.runtime.generate import prefill
-    outs = []
-    for on in (False, True):
-        monkeypatch.setattr(kernels, "L2_AHEAD", frozenset(ahead.split(",")) if on else frozenset())
-        monkeypatch.setattr(ops, "IL4_EVICT", "evict_first" if on else "")
-        llm = qrun.load(model_file, device="cuda", progress=False, max_seq_len=64)
-        attn = llm.model.layers[0].self_attn
-        assert (attn.l2_ahead is not None) == on
-        if on:  # o's parts, and the next layer's qkv parts with "qkv"
-            nxt = llm.model.layers[1].self_attn.qkv_proj.weight_tensors() if "qkv" in ahead else []
-            assert attn.l2_ahead.shape == (len(attn.o_proj.weight_tensors()) + len(nxt), 2)
-        torch.manual_seed(0)
-        ids = torch.randint(0, llm.model.args.vocab_size, (1, 30), device="cuda")
-        with torch.inference_mode():
-            prefill(llm.model, ids[:, :10], torch.arange(10, device="cuda"))
-            seq = [llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda")).clone() for t in range(10, 30)]
-        outs.append(torch.stack(seq).float().cpu())
-    assert torch.isfinite(outs[1]).all()
-    assert torch.equal(outs[0], outs[1])
-
-
 def test_tune_decode_keeps_candidates_and_results(model_file, monkeypatch):
     """qrun tune's search (runtime/tune.py): every GEMV of the step gets one of its launcher's candidates, and
     greedy decoding gives the same tokens before and after (configs change speed, not results beyond

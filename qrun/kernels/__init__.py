@@ -19,8 +19,7 @@ plain-torch reference (reference.py).
 
 CUDA-only fused ops for the decode step (custom ops, capturable in a CUDA graph):
     rms_norm(x, w, eps) -> w * rmsnorm(x)
-    rope_kv_write(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads, prefetch=None) -> rotated q (B, H, hd);
-        prefetch: l2_ranges(tensors), bytes the kernel asks L2 to fetch for a later kernel (l2.py)
+    rope_kv_write(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads) -> rotated q (B, H, hd)
     decode_attention(q (B, H, hd), k_cache, v_cache, input_pos) -> (B, H * hd)
     rope_attention(qkv, cos, sin, input_pos, k_cache, v_cache, counters, n_heads) -> (B, H * hd): the two above
         in one kernel, the combine of the cache slices included; the model takes it when FUSED_ATTN
@@ -46,16 +45,11 @@ try:  # triton is a Linux-only dependency; without it only the reference path ex
     from .decode_attention import rope_attention  # noqa: F401  (CUDA decode step: both of the above, one kernel)
     from .embedding import quant_embedding, supported as embedding_supported  # noqa: F401  (CUDA: table lookup)
     from .argmax import argmax_advance  # noqa: F401  (CUDA greedy step: token = argmax, position + 1)
-    from .l2 import l2_ranges  # noqa: F401  (tensors -> the byte ranges rope_kv_write may prefetch into L2)
 except ImportError:  # pragma: no cover
     _ops = decode_attention = rms_norm = rope_kv_write = rope_attention = None
-    quant_embedding = embedding_supported = argmax_advance = l2_ranges = None
+    quant_embedding = embedding_supported = argmax_advance = None
 # "1": RoPE, cache write, attention and combine in one kernel; "2": the first three, then the combine kernel
 FUSED_ATTN = {"1": 1, "2": 2}.get(os.environ.get("QRUN_FUSED_ATTN", "0"), 0)
-# Weights the decode step's RoPE kernel asks L2 to fetch ahead (l2.py), a comma list: "o" this layer's o
-# projection, "qkv" the next layer's qkv projection (pair it with QRUN_IL4_EVICT=evict_first so that the MLP
-# in between does not push it out). Opt-in until measured (docs/PERF.md attempt 47).
-L2_AHEAD = frozenset(filter(None, os.environ.get("QRUN_L2_AHEAD", "").split(",")))
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -71,14 +71,12 @@ def _offsets(rg, N4, NB, B: tl.constexpr, G: tl.constexpr, R4: tl.constexpr):
 
 
 @triton.jit
-def _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0, gend, B: tl.constexpr, G: tl.constexpr, ENC: tl.constexpr,
-               EVICT: tl.constexpr = ""):
+def _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0, gend, B: tl.constexpr, G: tl.constexpr, ENC: tl.constexpr):
     """Words (R4, G, B/8, 4), scales and zeros (R4, G, 1, 4) float32 of blocks g0 .. g0 + G - 1 (masked
-    from gend, the program's last block + 1: a step past it loads nothing). EVICT: the words' L2 eviction
-    policy ("evict_first": read once, so they should not push out what l2.py prefetched for a later kernel)."""
+    from gend, the program's last block + 1: a step past it loads nothing)."""
     WPB: tl.constexpr = B // 8
     gm = ((g0 + tl.arange(0, G)) < gend)[None, :, None, None]
-    w = tl.load(w_ptr + woff + g0 * (WPB * 4), mask=gm, other=0, eviction_policy=EVICT)
+    w = tl.load(w_ptr + woff + g0 * (WPB * 4), mask=gm, other=0)
     s = tl.load(s_ptr + soff + g0 * 4, mask=gm, other=0.0).to(tl.float32)
     if ENC == "int4_asym":
         z = tl.load(z_ptr + soff + g0 * 4, mask=gm, other=0).to(tl.float32)
@@ -128,7 +126,6 @@ def gemv_il4_kernel(
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
     HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, DEEP: tl.constexpr = False,
     SPLIT: tl.constexpr = 1, PF: tl.constexpr = 0, PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
-    EVICT: tl.constexpr = "",
 ):
     """Program (p, sp): output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over blocks sp NBS .. (sp + 1)
     NBS - 1 of K (NBS a multiple of G; all of K when SPLIT == 1) in steps of G blocks.
@@ -156,14 +153,14 @@ def gemv_il4_kernel(
         if SILU:
             _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4 + N4, N4 * 2, NB, gstart, pf_end, R4, WPB, ENC)
     woff, soff = _offsets(rg, N4, NB, B, G, R4)
-    w, s, z = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, gstart, gend, B, G, ENC, EVICT)
+    w, s, z = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, gstart, gend, B, G, ENC)
     if SILU:
         uoff, usoff = _offsets(rg + N4, N4 * 2, NB, B, G, R4)
-        wu, su, zu = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, gstart, gend, B, G, ENC, EVICT)
+        wu, su, zu = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, gstart, gend, B, G, ENC)
     if DEEP:  # the second step too, before waiting
-        w1, s1, z1 = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, gstart + G, gend, B, G, ENC, EVICT)
+        w1, s1, z1 = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, gstart + G, gend, B, G, ENC)
         if SILU:
-            wu1, su1, zu1 = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, gstart + G, gend, B, G, ENC, EVICT)
+            wu1, su1, zu1 = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, gstart + G, gend, B, G, ENC)
     AHEAD: tl.constexpr = 2 * G if DEEP else G  # blocks between the step computed and the step loaded
     if PDL:
         gdc_wait()
@@ -181,9 +178,9 @@ def gemv_il4_kernel(
             _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4, N4, NB, pf0, pf1, R4, WPB, ENC)
             if SILU:
                 _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4 + N4, N4 * 2, NB, pf0, pf1, R4, WPB, ENC)
-        w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + AHEAD, gend, B, G, ENC, EVICT)
+        w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + AHEAD, gend, B, G, ENC)
         if SILU:
-            wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + AHEAD, gend, B, G, ENC, EVICT)
+            wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + AHEAD, gend, B, G, ENC)
         kk = g0 * B + xoff
         xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)          # (G, B/8, 8)
         if NORM:

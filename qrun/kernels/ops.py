@@ -40,12 +40,9 @@ FUSE_MAX_WEIGHTS = int(os.environ.get("QRUN_FUSE_MAX_WEIGHTS", 10**15))
 TC16_SILU_GEMM = os.environ.get("QRUN_TC16_SILU_GEMM", "0") == "1"
 PDL_MAX_K = int(os.environ.get("QRUN_PDL_MAX_K", 8192))  # the il4 GEMV is launched without PDL from this K on
 # 1 (default): the GEMM drops its load masks where M, N and K are whole tiles (gemm.py EVEN). H100, round 10
-# call 2 (docs/PERF.md attempt 47): every M = 1024 config right on it, and 7B gate+up 687 -> 641 us, the other
+# call 2 (docs/PERF.md attempt 48): every M = 1024 config right on it, and 7B gate+up 687 -> 641 us, the other
 # shapes the same or up to 4% faster. 0 keeps the masks (A/B timing).
 GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
-# "evict_first": the il4 GEMV's weight loads leave L2 first, so that weights prefetched for a later kernel
-# (QRUN_L2_AHEAD, l2.py) survive the 7B MLP's ~110 MB streaming through L2 (PERF.md attempt 47)
-IL4_EVICT = os.environ.get("QRUN_IL4_EVICT", "")
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -501,7 +498,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                     part = cnt = scales
                 LAST["gemv"] = gemv_il4_kernel[(progs, split)](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
                                                                nb, _il4_blocks_per_split(nb, c), eps, **flags, **kw,
-                                                               EVICT=IL4_EVICT, **c)
+                                                               **c)
             kind, cands = "gemv_il4", _il4_candidates(nb)
         else:
             def launch(c, w, s, zz, out=y):

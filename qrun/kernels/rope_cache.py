@@ -10,14 +10,12 @@ sync, so the step can live in a CUDA graph).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .dequant import cast
-from .l2 import l2_prefetch_ranges
 from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,15 +28,9 @@ def rope_cache_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
     # sizes
     H, KV, S, stride_qkv_b,
-    # l2.py: (NPF, 2) int64 byte ranges to warm L2 with (a later kernel's weights), shared out over the programs
-    pf_ptr,
     # meta
-    HD: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False, NPF: tl.constexpr = 0,
+    HD: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    if NPF > 0 and not INTERPRET:  # first: it depends on nothing, and this kernel's own bytes are few
-        me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        nprog = tl.num_programs(0) * tl.num_programs(1)
-        l2_prefetch_ranges(pf_ptr, NPF, me, nprog)
     if PDL:  # pdl.py: the position and qkv come from earlier kernels
         gdc_wait()
         gdc_launch_dependents()
@@ -68,11 +60,9 @@ def rope_cache_kernel(
 
 @torch.library.custom_op("qrun::rope_kv_write", mutates_args=("k_cache", "v_cache"))
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-                  prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> torch.Tensor:
     """qkv (B, 1, (H + 2 KV) * hd) -> rotated q (B, H, hd); rotated k and v written at input_pos (1,) into
-    k_cache / v_cache (B', KV, S, hd), B' >= B. prefetch: an (R, 2) int64 range descriptor (l2.l2_ranges) of
-    bytes the kernel asks L2 to fetch on the side; it reads nothing of them and no result depends on them."""
+    k_cache / v_cache (B', KV, S, hd), B' >= B."""
     b = qkv.shape[0]
     _, kv, s, hd = k_cache.shape
     qkv2 = qkv.reshape(b, -1)
@@ -80,12 +70,11 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input
         qkv2 = qkv2.contiguous()
     q = torch.empty(b, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
     rope_cache_kernel[(b, n_heads + 2 * kv)](qkv2, cos, sin, input_pos, q, k_cache, v_cache, n_heads, kv, s,
-                                            qkv2.stride(0), prefetch if prefetch is not None else input_pos,
-                                            HD=hd, INTERPRET=INTERPRET, num_warps=1,
-                                            NPF=0 if prefetch is None else prefetch.shape[0], **pdl_kwargs(qkv2))
+                                            qkv2.stride(0), HD=hd, INTERPRET=INTERPRET, num_warps=1,
+                                            **pdl_kwargs(qkv2))
     return q
 
 
 @rope_kv_write.register_fake
-def _(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads, prefetch=None):
+def _(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads):
     return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[-1])

@@ -40,10 +40,6 @@ class Linear(nn.Module):
         y = F.linear(norm(x) if norm is not None else x, self.weight, self.bias)
         return y if residual is None else residual + y
 
-    def weight_tensors(self) -> list[torch.Tensor]:
-        """The tensors a forward streams from memory (for an L2 prefetch ahead of it)."""
-        return [self.weight]
-
 
 class QuantLinear(nn.Module):
     """y = x @ dequant(W)^T + b, W stored packed: qweight (N, Kp) int8 or (N, Kp/2) uint8, scales (N, Kp/B)
@@ -68,9 +64,6 @@ class QuantLinear(nn.Module):
                                     norm_weight=None if norm is None else norm.weight,
                                     eps=0.0 if norm is None else norm.eps, residual=residual, layout=self.layout)
 
-    def weight_tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
-
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.encoding}, block {self.block_size}, {self.layout}"
 
@@ -90,9 +83,6 @@ class Concat(nn.Module):
             x = norm(x)
         y = torch.cat([p(x) for p in self.parts], dim=-1)
         return y if residual is None else residual + y
-
-    def weight_tensors(self) -> list[torch.Tensor]:
-        return [t for p in self.parts for t in p.weight_tensors()]
 
 
 class FusedSiluMul(nn.Module):

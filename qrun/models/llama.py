@@ -168,8 +168,6 @@ class Attention(nn.Module):
         self.o_proj = Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
         self.kv_cache: KVCache | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # full (max_seq, hd) tables, set with the cache
-        # (R, 2) ranges of weights the decode step's RoPE kernel prefetches into L2 (kernels.L2_AHEAD), or None
-        self.l2_ahead: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len=None, norm=None, residual=None):
         """x (B, T, D) -> o_proj(attention) (+ residual); norm: an RMSNorm applied to x first (fused into the
@@ -184,8 +182,7 @@ class Attention(nn.Module):
                 y = kernels.rope_attention(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, c.counters,
                                            self.n_heads, kernels.FUSED_ATTN == 1)
             else:
-                q = kernels.rope_kv_write(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads,
-                                          self.l2_ahead)
+                q = kernels.rope_kv_write(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
                 y = kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos)
             return self.o_proj(y.view(b, 1, -1), residual=residual)
         q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
@@ -250,21 +247,12 @@ class Transformer(nn.Module):
             raise QRunError(f"max_seq_len {max_seq} exceeds the model's sliding window {a.sliding_window}; "
                             f"qrun has no sliding-window attention: use --max-seq-len {a.sliding_window}")
         dtype = dtype or self.norm.weight.dtype
-        device = torch.device(device or self.norm.weight.device)
+        device = device or self.norm.weight.device
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim, device, dtype)
         self.rope_cos, self.rope_sin = rope_tables(a, max_seq, device)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            attn.rope = (self.rope_cos, self.rope_sin)
-            # The o projection runs ~5 us after the RoPE kernel, the next layer's qkv after this layer's MLP:
-            # both GEMVs are latency-bound at M = 1, and the RoPE kernel leaves HBM idle (l2.py).
-            ahead = []
-            if "o" in kernels.L2_AHEAD:
-                ahead += attn.o_proj.weight_tensors()
-            if "qkv" in kernels.L2_AHEAD and i + 1 < len(self.layers):
-                ahead += self.layers[i + 1].self_attn.qkv_proj.weight_tensors()
-            attn.l2_ahead = kernels.l2_ranges(ahead) if ahead and device.type == "cuda" else None
+        for layer in self.layers:
+            layer.self_attn.rope = (self.rope_cos, self.rope_sin)
         self.max_seq = max_seq
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
