@@ -5,12 +5,7 @@
 # drift between processes falls on both sides.
 #
 #   AB_ENV="QRUN_PDL_MAX_K=1000000" CONFIGS="qwen2.5-7b qwen2-0.5b" ROUNDS=2 bash benchmarks/ab_env.sh
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "ab_env: could not install .whl/*.whl (carry .whl)"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/qrun-out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh" ab_env
 for cfg in ${CONFIGS:-qwen2.5-7b qwen2-0.5b}; do
   python3 -m qrun.cli.main convert --random $cfg -o /tmp/$cfg.stcmp -q
   timeout 200 python3 -m qrun.cli.main tune --model /tmp/$cfg.stcmp -q 2>&1 | tail -1

@@ -6,12 +6,7 @@
 #
 # With no argument it runs all four; each stage has its own timeout so one slow stage cannot eat the call.
 # Outputs (JSON) go to $OUT.
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "gpu_check: could not install .whl/*.whl (carry .whl)"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/qrun-out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh" gpu_check
 stages=${*:-tests configs kernels decode}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for s in $stages; do
