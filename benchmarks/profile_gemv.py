@@ -11,9 +11,9 @@ each. Round 9's question for ncu: why does the L2 prefetch (PF 1) leave 7B down 
 dram__throughput, lts__t_sector_hit_rate and the warp stall reasons.
 
 --m M > 1 runs the prefill GEMM instead (`-k regex:gemm_kernel`), pinned to --gemm-config
-BLOCK_N x BLOCK_M x BLOCK_K x warps x stages x SWAP (default 128x256x64x8x3x1). Round 10's question (docs/PERF.md attempt 52): do the
-dequantization and the wgmma of a K step overlap? Compare the tensor
-pipe's utilization (ComputeWorkloadAnalysis) with the issue slots busy.
+BLOCK_N x BLOCK_M x BLOCK_K x warps x stages x SWAP (default 128x256x64x8x3x1). Round 10's question
+(docs/PERF.md attempt 52): do the dequantization and the wgmma of a K step overlap? Compare the tensor pipe's
+utilization (ComputeWorkloadAnalysis) with the issue slots busy and the barrier stalls.
 """
 from __future__ import annotations
 
