@@ -5,10 +5,17 @@
 # drift between processes falls on both sides.
 #
 #   AB_ENV="QRUN_PDL_MAX_K=1000000" CONFIGS="qwen2.5-7b qwen2-0.5b" ROUNDS=2 bash benchmarks/ab_env.sh
+#
+# AB_TUNE=1 also runs `qrun tune` with the setting. The tune cache's file name hashes the QRUN_ settings
+# (tune_cache.py), so each side then decodes with picks timed under its own setting; without it the side with
+# the setting gets the launcher's chain picks, not a tune.
 source "$(dirname "$0")/device_env.sh" ab_env
 for cfg in ${CONFIGS:-qwen2.5-7b qwen2-0.5b}; do
   python3 -m qrun.cli.main convert --random $cfg -o /tmp/$cfg.stcmp -q
   timeout 200 python3 -m qrun.cli.main tune --model /tmp/$cfg.stcmp -q 2>&1 | tail -1
+  if [ "${AB_TUNE:-0}" = 1 ]; then
+    env $AB_ENV timeout 200 python3 -m qrun.cli.main tune --model /tmp/$cfg.stcmp -q 2>&1 | tail -1
+  fi
   for i in $(seq ${ROUNDS:-2}); do
     for side in base ab; do
       if [ $side = ab ]; then envs="$AB_ENV"; else envs=""; fi

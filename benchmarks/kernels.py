@@ -252,6 +252,38 @@ def sweep_gemv4(shapes):
     return lines
 
 
+def sweep_gemm(shapes, m):
+    """M > 16: time every GEMM candidate config (ops._gemm_candidates) on each shape, graph, rotated copies;
+    -> printable lines, fastest first. Round 11 (docs/PERF.md): which tile wins at M = 1024, and whether the
+    configs with several CTAs a SM beat the one 8-warp CTA of 128 x 256."""
+    lines = []
+    orig = ops._gemm_candidates
+    for name, k, n, silu in shapes:
+        LAYOUT[0] = layout_for(CHOICE[0], name, n)
+        res = []
+        for cfg in orig(m, BLOCK, LAYOUT[0]):
+            ops._gemm_candidates = lambda *a, c=cfg, **kw: [c]
+            ops._tuned.clear()
+            fns = None
+            try:
+                fns, _ = make_ours(k, n, silu, m, copies_for(n * k // 2))
+                t = ms_graph(fns) * 1e3
+            except Exception as e:  # noqa: BLE001  (a config the compiler rejects)
+                t = float("nan")
+                print(f"  {name} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            finally:
+                ops._gemm_candidates = orig
+            res.append((t, cfg))
+            del fns
+        ops._tuned.clear()
+        res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
+        lines.append(f"{name:14s} M={m} " + "  ".join(
+            f"{t:.1f}us {c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}/{c['num_warps']}w{c['num_stages']}s"
+            + ("" if c["SWAP"] else "/noswap") for t, c in res))
+        print("  gemm sweep " + lines[-1], flush=True)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -259,6 +291,8 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
     ap.add_argument("--quick", action="store_true", help="M = 1 and 1024 only (saves device time)")
     ap.add_argument("--sweep", action="store_true", help="first time every word-GEMV config at M = 1")
+    ap.add_argument("--gemm-sweep", type=int, default=0, metavar="M",
+                    help="first time every GEMM config at this M (> 16)")
     ap.add_argument("--layout", default="auto", choices=("auto", "il4", "tc16", "rows"),
                     help="weight layout of ours (auto: the loader's default, il4)")
     args = ap.parse_args()
@@ -287,6 +321,8 @@ def main():
           f"eager {empty_eager:.2f} us", flush=True)
 
     sweep = sweep_gemv4(shapes) if args.sweep else []
+    if args.gemm_sweep:
+        sweep += sweep_gemm(shapes, args.gemm_sweep)
 
     rows = []
     for name, k, n, silu in shapes:
@@ -312,8 +348,8 @@ def main():
               f"{npdl:>7s} {eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
               f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}")
     if sweep:
-        print("GEMV configs at M = 1, fastest first (time, then the config's values: il4 R4/G/warps, rows "
-              "BLOCK_N/G/PER_SM/warps):")
+        print("GEMV configs at M = 1 (time, then the config's values: il4 R4/G/warps, rows BLOCK_N/G/PER_SM/warps) "
+              "and GEMM configs (BLOCK_N x BLOCK_M x BLOCK_K / warps, stages), fastest first:")
         print("\n".join(sweep))
 
 

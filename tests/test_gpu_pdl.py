@@ -20,12 +20,15 @@ def model_file(tiny_qwen2_dir, tmp_path_factory):
     return out
 
 
-def _decode(model_file, pdl_on: bool, monkeypatch) -> torch.Tensor:
+def _decode(model_file, pdl_on: bool, monkeypatch, early: bool = False, long_k: bool = False) -> torch.Tensor:
     import qrun
-    from qrun.kernels import pdl
+    from qrun.kernels import ops, pdl
     from qrun.runtime.generate import prefill
     monkeypatch.setenv("QRUN_PDL", "1" if pdl_on else "0")
     pdl.pdl_enabled.cache_clear()
+    monkeypatch.setattr(pdl, "EARLY", early)
+    if long_k:  # every GEMV of the tiny model takes the long-K rule's path: launched without PDL, mode 3
+        monkeypatch.setattr(ops, "PDL_MAX_K", 64)
     try:
         llm = qrun.load(model_file, device="cuda", progress=False, max_seq_len=96, graph=True)
         torch.manual_seed(0)
@@ -53,3 +56,16 @@ def test_pdl_decode_is_bitwise_identical(model_file, monkeypatch):
     assert torch.isfinite(on).all()
     torch.testing.assert_close(on, off, rtol=0, atol=0)
     torch.testing.assert_close(again, on, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("long_k", [False, True])
+def test_pdl_early_trigger_is_bitwise_identical(model_file, monkeypatch, long_k):
+    """QRUN_PDL_EARLY (pdl.py): every kernel lets the next one in before its own wait, so several kernels are
+    resident at once; with long_k every GEMV is launched without PDL but still lets its successor in (mode 3)."""
+    from qrun.kernels import pdl
+    if not pdl.pdl_enabled(torch.cuda.current_device()):
+        pytest.skip("no programmatic dependent launch on this GPU / triton")
+    off = _decode(model_file, False, monkeypatch)
+    early = _decode(model_file, True, monkeypatch, early=True, long_k=long_k)
+    assert torch.isfinite(early).all()
+    torch.testing.assert_close(early, off, rtol=0, atol=0)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
+from .pdl import pdl_enter, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEY_MIN = -(1 << 63)
@@ -38,8 +38,7 @@ def argmax_advance_kernel(
     j = tl.program_id(0)
     b = tl.program_id(1)
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     i = j * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(l_ptr + b.to(tl.int64) * stride_l + i, mask=i < V, other=float("-inf"))
     bits = x.to(tl.int32, bitcast=True)

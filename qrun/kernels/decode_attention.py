@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
-from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
+from .pdl import pdl_enter, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -72,8 +72,7 @@ def decode_attention_kernel(
     INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PREC: tl.constexpr = "tf32",
 ):
     if PDL:  # pdl.py: q and the caches come from earlier kernels
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     bk = tl.program_id(0)  # b * KV + kv head
     split = tl.program_id(1)
     b = bk // KV
@@ -130,8 +129,7 @@ def _combine_heads(m_ptr, l_ptr, o_ptr, y_ptr, bh, rmask, HD: tl.constexpr, NSPL
 def combine_kernel(m_ptr, l_ptr, o_ptr, y_ptr, HD: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """Pass 2: one program per (b, head), _combine."""
     if PDL:  # pdl.py: the partials come from the kernel before
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     _combine(m_ptr, l_ptr, o_ptr, y_ptr, tl.program_id(0), HD, NSPLIT)
 
 
@@ -199,8 +197,7 @@ def rope_attention_kernel(
     increments the counter with acq_rel at GPU scope, the pattern of CUTLASS's split-K semaphore; the one
     that sees NSPLIT - 1 reads every partial through L2 and resets the counter for the next launch."""
     if PDL:  # pdl.py: qkv and the position come from earlier kernels
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     bk = tl.program_id(0)  # b * KV + kv head
     split = tl.program_id(1)
     b = bk // KV

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .dequant import cast, int4_values, int8_values
 from .ops import _code_table
-from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
+from .pdl import pdl_enter, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ENCODINGS = ("int8_sym", "int4_sym", "int4_asym", "nf4")
@@ -38,8 +38,7 @@ def quant_embedding_kernel(
     the program reads BLOCK / 2 bytes)."""
     t = tl.program_id(0)
     if PDL:  # the id is written by the previous step's argmax
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     row = tl.load(ids_ptr + t).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK
     if ENC == "int8_sym":

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast, int4_values, int8_values
-from .pdl import gdc_launch_dependents, gdc_wait
+from .pdl import pdl_enter
 
 
 @triton.jit
@@ -67,8 +67,7 @@ def gemv_kernel(
     BLOCK_N: tl.constexpr, G: tl.constexpr, INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     if PDL:  # pdl.py: x comes from an earlier kernel
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N_OUT
     acc = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, rmask, K, NB, stride_wn, stride_sn,

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
-from .pdl import gdc_launch_dependents, gdc_wait
+from .pdl import pdl_enter
 
 
 @triton.jit
@@ -197,8 +197,7 @@ def gemv_int4_kernel(
     total = tl.cdiv(n_rb - pid, nprog) * steps    # (row block, step) pairs of this program
     w, s = _load_words(w_ptr, s_ptr, _rows_of(pid, N_OUT, BLOCK_N, SILU), 0, NB, stride_wn, stride_sn, B, G)
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     acc = tl.zeros((BLOCK_N * (2 if SILU else 1), G, B // 32), tl.float32)
     ssq = tl.zeros((G, B // 32, 4), tl.float32)  # per-thread sums of x^2 (first row block only)
     rstd = tl.full((), 1.0, tl.float32)

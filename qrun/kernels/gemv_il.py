@@ -30,7 +30,7 @@ import triton.language as tl
 from .dequant import cast
 from .gemv4 import _nibbles, _split8
 from .l2 import l2_prefetch
-from .pdl import gdc_launch_dependents, gdc_wait
+from .pdl import pdl_enter
 
 
 @triton.jit
@@ -163,8 +163,7 @@ def gemv_il4_kernel(
             wu1, su1, zu1 = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, gstart + G, gend, B, G, ENC)
     AHEAD: tl.constexpr = 2 * G if DEEP else G  # blocks between the step computed and the step loaded
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     acc = tl.zeros((R4, G, WPB, 4), tl.float32)
     if SILU:
         acc_u = tl.zeros((R4, G, WPB, 4), tl.float32)

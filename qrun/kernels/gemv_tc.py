@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
-from .pdl import gdc_launch_dependents, gdc_wait
+from .pdl import pdl_enter
 
 
 def _mma_asm(f16: bool, sym: bool) -> str:
@@ -217,8 +217,7 @@ def gemv_tc16_kernel(
             uvs_lo, uvs_hi, uvo_lo, uvo_hi = _load_s(s_ptr, z_ptr, usb, q + STRIDE, NQ, B, ENC, F16)
     AHEAD: tl.constexpr = 2 * STRIDE if DEEP else STRIDE
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(x32_ptr, xb, q, NQ, K2, KFULL)
     if DEEP:  # x two steps ahead as well: its L2 latency under the weight stream is what one step ahead left
         v_x0, v_x1, v_x2, v_x3, v_x4, v_x5, v_x6, v_x7 = _load_x(x32_ptr, xb, q + STRIDE, NQ, K2, KFULL)

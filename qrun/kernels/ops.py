@@ -24,7 +24,7 @@ from .gemv_il import gemv_il4_kernel
 from .gemv_tc import gemv_tc16_kernel
 from .layout import LAYOUTS, can_tc16
 from . import tune_cache
-from .pdl import pdl_kwargs
+from .pdl import pdl_kwargs, pdl_trigger_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNE = os.environ.get("QRUN_KERNEL_TUNE", "1") != "0"  # 0: take the first candidate config (fast tests)
@@ -426,7 +426,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
         flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, HAS_RES=residual is not None,
                      F16=x.dtype == torch.float16, INTERPRET=INTERPRET)
-        kw = {"PDL": False} if k >= PDL_MAX_K else pdl_kwargs(x2)
+        kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl_kwargs(x2)
         nq = nb * block_size // 64
         flags["KFULL"] = k == nq * 64
 
@@ -490,7 +490,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             # 6.1 us). Our reading: the successor's programs become resident early and unevenly across the
             # SMs, and a grid of one long wave is as slow as its most loaded SM. The tuner cannot see it (it
             # times each config in a chain of itself), hence a rule. Not launching with PDL is always safe.
-            kw = {"PDL": False} if k >= PDL_MAX_K else pdl
+            kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl
 
             def launch(c, w, s, zz, out=y):
                 progs, split = triton_cdiv(n_out // 4, c["R4"]), c.get("SPLIT", 1)

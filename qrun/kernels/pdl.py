@@ -14,6 +14,15 @@ programmatic edge.
 
 QRUN_PDL=0 turns it off (for A/B timing). Off on the CPU interpreter, before sm_90, and on triton versions
 without `launch_pdl`.
+
+QRUN_PDL_EARLY=1 swaps steps 2 and 3 (docs/PERF.md round 11): a kernel lets the next one in as soon as all its
+programs are resident, before its own wait. The next kernel does the same, so a chain of small kernels (RoPE,
+attention, combine) and the GEMV after them become resident while the kernel ahead of them still runs, and
+that GEMV's weight loads (step 1) overlap the whole chain instead of the last kernel's tail. Still correct:
+each kernel waits for the one before it to complete, which waited for its own predecessor. No deadlock: a
+kernel is let in only when every program of the one before it is resident, so each waiting kernel's
+predecessor holds all the SM room it needs. A long-K GEMV launched without PDL (ops.PDL_MAX_K) then still
+lets its successor in early (mode 3).
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
@@ -38,6 +48,22 @@ except ImportError:  # pragma: no cover (older triton)
         pass
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+EARLY = os.environ.get("QRUN_PDL_EARLY", "0") == "1"
+
+
+@triton.jit
+def pdl_enter(MODE: tl.constexpr):
+    """Steps 2-3 of the protocol, by the kernel's PDL constexpr (pdl_kwargs): 0 nothing (launched without PDL);
+    1 wait, then let the next kernel in; 2 let it in, then wait (QRUN_PDL_EARLY); 3 only let it in (launched
+    without PDL, so there is nothing to wait for; pdl_trigger_kwargs)."""
+    if MODE == 1:
+        gdc_wait()
+        gdc_launch_dependents()
+    elif MODE == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif MODE == 3:
+        gdc_launch_dependents()
 
 
 @functools.cache
@@ -54,8 +80,17 @@ def pdl_enabled(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def _on(t: torch.Tensor) -> bool:
+    return t.is_cuda and pdl_enabled(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def pdl_kwargs(t: torch.Tensor) -> dict:
-    """Launch keywords for a decode kernel whose tensors live with `t`: {'PDL': bool} for the kernel's
-    constexpr, plus launch_pdl=True when enabled."""
-    on = t.is_cuda and pdl_enabled(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    """Launch keywords for a decode kernel whose tensors live with `t`: {'PDL': mode} for the kernel's
+    constexpr (pdl_enter), plus launch_pdl=True when enabled."""
+    return {"PDL": 2 if EARLY else 1, "launch_pdl": True} if _on(t) else {"PDL": 0}
+
+
+def pdl_trigger_kwargs(t: torch.Tensor) -> dict:
+    """For a kernel launched without PDL although PDL is on (a long-K GEMV): with QRUN_PDL_EARLY it still lets
+    its successor in at its start (mode 3); otherwise the successor waits for its programs to exit."""
+    return {"PDL": 3} if EARLY and _on(t) else {"PDL": 0}

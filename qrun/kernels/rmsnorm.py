@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
-from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
+from .pdl import pdl_enter, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,8 +32,7 @@ def rms_norm_kernel(
     m = offs < D
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if PDL:  # pdl.py: nothing above reads what an earlier kernel writes
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     xn = cast(x * inv, y_ptr.dtype.element_ty, INTERPRET).to(tl.float32)

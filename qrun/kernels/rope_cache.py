@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .dequant import cast
-from .pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
+from .pdl import pdl_enter, pdl_kwargs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,8 +32,7 @@ def rope_cache_kernel(
     HD: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
 ):
     if PDL:  # pdl.py: the position and qkv come from earlier kernels
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: q heads, H..H+KV-1: k heads, H+KV..: v heads
     half = tl.arange(0, HD // 2)
