@@ -20,7 +20,7 @@ def model_file(tiny_qwen2_dir, tmp_path_factory):
     return out
 
 
-def _decode(model_file, pdl_on: bool, monkeypatch, early: bool = False, long_k: bool = False) -> torch.Tensor:
+def _decode(model_file, pdl_on: bool, monkeypatch, early: str = "0", long_k: bool = False) -> torch.Tensor:
     import qrun
     from qrun.kernels import ops, pdl
     from qrun.runtime.generate import prefill
@@ -58,14 +58,15 @@ def test_pdl_decode_is_bitwise_identical(model_file, monkeypatch):
     torch.testing.assert_close(again, on, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("long_k", [False, True])
-def test_pdl_early_trigger_is_bitwise_identical(model_file, monkeypatch, long_k):
-    """QRUN_PDL_EARLY (pdl.py): every kernel lets the next one in before its own wait, so several kernels are
-    resident at once; with long_k every GEMV is launched without PDL but still lets its successor in (mode 3)."""
+@pytest.mark.parametrize("early,long_k", [("1", False), ("1", True), ("small", False)])
+def test_pdl_early_trigger_is_bitwise_identical(model_file, monkeypatch, early, long_k):
+    """QRUN_PDL_EARLY (pdl.py): kernels let the next one in before their own wait, so several kernels are
+    resident at once; with long_k every GEMV is launched without PDL but still lets its successor in (mode 3).
+    "small": only the kernels that are not GEMVs do."""
     from qrun.kernels import pdl
     if not pdl.pdl_enabled(torch.cuda.current_device()):
         pytest.skip("no programmatic dependent launch on this GPU / triton")
     off = _decode(model_file, False, monkeypatch)
-    early = _decode(model_file, True, monkeypatch, early=True, long_k=long_k)
-    assert torch.isfinite(early).all()
-    torch.testing.assert_close(early, off, rtol=0, atol=0)
+    got = _decode(model_file, True, monkeypatch, early=early, long_k=long_k)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, off, rtol=0, atol=0)

@@ -426,7 +426,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
         flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, HAS_RES=residual is not None,
                      F16=x.dtype == torch.float16, INTERPRET=INTERPRET)
-        kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl_kwargs(x2)
+        kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl_kwargs(x2, gemv=True)
         nq = nb * block_size // 64
         flags["KFULL"] = k == nq * 64
 
@@ -478,7 +478,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             y = residual.reshape(m, n_out) + y  # the residual stream's own rounding
         return y.reshape(*lead, n_out)
     if w32 is not None:
-        pdl = pdl_kwargs(x2)
+        pdl = pdl_kwargs(x2, gemv=True)
         nw = norm_weight if norm_weight is not None else scales
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
         flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu,
@@ -523,7 +523,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             grid = (triton_cdiv(n_out, c["BLOCK_N"]),)
             LAST["gemv"] = gemv_kernel[grid](x2, qweight, scales, z, code, b, out, n_out, k, nb, qweight.stride(0),
                               scales.stride(0), z.stride(0), ENC=encoding, B=block_size,
-                              HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET, **pdl_kwargs(x2),
+                              HAS_BIAS=bias is not None, SILU=silu, INTERPRET=INTERPRET, **pdl_kwargs(x2, gemv=True),
                               **c)
         cfg = LAST["gemv_cfg"] = _pick((dev, "gemv") + common, _gemv_candidates(encoding, block_size, nb), launch)
         launch(cfg)

@@ -22,7 +22,9 @@ that GEMV's weight loads (step 1) overlap the whole chain instead of the last ke
 each kernel waits for the one before it to complete, which waited for its own predecessor. No deadlock: a
 kernel is let in only when every program of the one before it is resident, so each waiting kernel's
 predecessor holds all the SM room it needs. A long-K GEMV launched without PDL (ops.PDL_MAX_K) then still
-lets its successor in early (mode 3).
+lets its successor in early (mode 3). QRUN_PDL_EARLY=small does it only for the kernels that are not GEMVs
+(RoPE, attention, combine, norm, embedding, argmax): the GEMV after such a chain (o) becomes resident during
+the GEMV before it (qkv), and no GEMV's successor is let in before the GEMV's wait.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ except ImportError:  # pragma: no cover (older triton)
         pass
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-EARLY = os.environ.get("QRUN_PDL_EARLY", "0") == "1"
+EARLY = os.environ.get("QRUN_PDL_EARLY", "0")  # "1": every kernel; "small": all but the GEMVs
 
 
 @triton.jit
@@ -84,13 +86,15 @@ def _on(t: torch.Tensor) -> bool:
     return t.is_cuda and pdl_enabled(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def pdl_kwargs(t: torch.Tensor) -> dict:
+def pdl_kwargs(t: torch.Tensor, gemv: bool = False) -> dict:
     """Launch keywords for a decode kernel whose tensors live with `t`: {'PDL': mode} for the kernel's
-    constexpr (pdl_enter), plus launch_pdl=True when enabled."""
-    return {"PDL": 2 if EARLY else 1, "launch_pdl": True} if _on(t) else {"PDL": 0}
+    constexpr (pdl_enter), plus launch_pdl=True when enabled. gemv: the kernel is a GEMV (QRUN_PDL_EARLY=small
+    leaves those at mode 1)."""
+    early = EARLY == "1" or (EARLY == "small" and not gemv)
+    return {"PDL": 2 if early else 1, "launch_pdl": True} if _on(t) else {"PDL": 0}
 
 
 def pdl_trigger_kwargs(t: torch.Tensor) -> dict:
     """For a kernel launched without PDL although PDL is on (a long-K GEMV): with QRUN_PDL_EARLY it still lets
     its successor in at its start (mode 3); otherwise the successor waits for its programs to exit."""
-    return {"PDL": 3} if EARLY and _on(t) else {"PDL": 0}
+    return {"PDL": 3} if EARLY == "1" and _on(t) else {"PDL": 0}
