@@ -92,7 +92,7 @@ def il4_variants():
         yield (gemv_il4_kernel, ptrs(base, "bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", part_ptr="*fp32",
                                      cnt_ptr="*i32"),
                dict(ENC=enc, B=128, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, PDL=pdl,
-                    INTERPRET=False, XAHEAD=ops.IL4_XAHEAD, **c), nw, ns)
+                    INTERPRET=False, **c), nw, ns)
 
 
 def gemv4_variants():

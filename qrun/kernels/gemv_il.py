@@ -126,7 +126,6 @@ def gemv_il4_kernel(
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
     HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, DEEP: tl.constexpr = False,
     SPLIT: tl.constexpr = 1, PF: tl.constexpr = 0, PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
-    XAHEAD: tl.constexpr = False,
 ):
     """Program (p, sp): output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over blocks sp NBS .. (sp + 1)
     NBS - 1 of K (NBS a multiple of G; all of K when SPLIT == 1) in steps of G blocks.
@@ -139,9 +138,7 @@ def gemv_il4_kernel(
     a row group to arrive (an acq_rel counter, the pattern of gemv_tc16_kernel) adds them in split order, does
     the epilogue and resets the counter.
     PF (l2.py): 0 none; 1 the program's whole share of the weights, scales and zeros is prefetched into L2 at its
-    start; n > 1 a window n steps ahead of the step computed (prefetched at the start, then one step a step).
-    XAHEAD: x (and the norm weight) of the next step is loaded with the step ahead's weights, so a step does not
-    wait on L2 for its x after its weights arrived (QRUN_IL4_XAHEAD, docs/PERF.md round 11)."""
+    start; n > 1 a window n steps ahead of the step computed (prefetched at the start, then one step a step)."""
     ASM: tl.constexpr = not INTERPRET
     PFW: tl.constexpr = PF > 0 and not INTERPRET
     WPB: tl.constexpr = B // 8
@@ -173,11 +170,6 @@ def gemv_il4_kernel(
     ssq = tl.zeros((G, WPB), tl.float32)
     xoff = (tl.arange(0, G)[:, None, None] * WPB + tl.arange(0, WPB)[None, :, None]) * 8 \
         + tl.arange(0, 8)[None, None, :]                                             # (G, B/8, 8)
-    if XAHEAD:  # step 0's x, after the wait: x comes from the previous kernel
-        kk0 = gstart * B + xoff
-        xv_c = tl.load(x_ptr + kk0, mask=kk0 < K, other=0.0).to(tl.float32)          # (G, B/8, 8)
-        if NORM:
-            nw_c = tl.load(nw_ptr + kk0, mask=kk0 < K, other=0.0).to(tl.float32)
     for g0 in range(gstart, gend, G):
         if PFW and PF > 1:  # the window's next step
             pf0 = g0 + PF * G
@@ -188,21 +180,11 @@ def gemv_il4_kernel(
         w_n, s_n, z_n = _load_step(w_ptr, s_ptr, z_ptr, woff, soff, g0 + AHEAD, gend, B, G, ENC)
         if SILU:
             wu_n, su_n, zu_n = _load_step(w_ptr, s_ptr, z_ptr, uoff, usoff, g0 + AHEAD, gend, B, G, ENC)
-        if XAHEAD:  # this step's x was loaded a step ago; the next step's now (past gend: in K or masked)
-            xv = xv_c
-            kk = (g0 + G) * B + xoff
-            xv_c = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            if NORM:
-                nwv = nw_c
-                nw_c = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        else:
-            kk = g0 * B + xoff
-            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)          # (G, B/8, 8)
-            if NORM:
-                nwv = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        kk = g0 * B + xoff
+        xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)          # (G, B/8, 8)
         if NORM:
             ssq += tl.sum(xv * xv, axis=2)
-            xv = xv * nwv
+            xv = xv * tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)                                # (G, B/8) each
         xs = (x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7)
         acc = _rows_dot(acc, w, s, z, x0[None, :, :, None], x1[None, :, :, None], x2[None, :, :, None],

@@ -43,8 +43,6 @@ PDL_MAX_K = int(os.environ.get("QRUN_PDL_MAX_K", 8192))  # the il4 GEMV is launc
 # call 2 (docs/PERF.md attempt 48): every M = 1024 config right on it, and 7B gate+up 687 -> 641 us, the other
 # shapes the same or up to 4% faster. 0 keeps the masks (A/B timing).
 GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
-# the il4 GEMV loads a step's x with the weights a step ahead (gemv_il.py XAHEAD); 0 for A/B
-IL4_XAHEAD = os.environ.get("QRUN_IL4_XAHEAD", "1") == "1"
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -503,7 +501,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                     part = cnt = scales
                 LAST["gemv"] = gemv_il4_kernel[(progs, split)](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
                                                                nb, _il4_blocks_per_split(nb, c), eps, **flags, **kw,
-                                                               XAHEAD=IL4_XAHEAD, **c)
+                                                               **c)
             kind, cands = "gemv_il4", _il4_candidates(nb)
         else:
             def launch(c, w, s, zz, out=y):
