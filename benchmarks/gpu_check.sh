@@ -14,7 +14,7 @@ for s in $stages; do
   case $s in
     tests)  # recent kernel changes: il4 split-K and L2 prefetch (every config on 7B down and qkv), the fused
       # attention, the embedding and argmax kernels of the step's head and tail, every M = 1024 GEMM config
-      # (round 10 added three)
+      # (round 10 added three; round 11 kept one)
       QRUN_KERNEL_TUNE=0 timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
         tests/test_gpu_model.py -k "${TESTS_K:-il4_layout_every_config and (18944 or 3584-4608) or fused_rope \
         or quant_embedding or argmax_advance or prefill_gemm_every_config}" \

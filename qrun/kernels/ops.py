@@ -349,12 +349,12 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
     elif m <= 64:
         cands = [(128, 64, 128, 4, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4), (64, 32, 128, 4, 4)]
     else:  # both orientations: dequantized W as wgmma's register A operand (SWAP) or as B through smem
-        # The last three put more warps a SM from independent CTAs: ncu found the 128 x 256 tile's one CTA of 8
-        # warps a SM waiting at its CTA barriers 41% of the time (PERF.md attempt 52); they fit 4, 2 and 2 CTAs a
-        # SM. Timed on the H100 (attempt 54): 64 x 128 wins on 7B qkv and the gate+up shapes; 128 x 256 stays
-        # best on 7B o and down; the other two win nowhere yet and are kept for other GPUs and shapes.
+        # The last puts more warps a SM from independent CTAs (4 CTAs of 4 warps): ncu found the 128 x 256 tile's
+        # one CTA of 8 warps a SM waiting at its CTA barriers 41% of the time (PERF.md attempt 52). Timed on the
+        # H100 (attempt 54) it wins on 7B qkv and the gate+up shapes; 128 x 256 stays best on 7B o and down.
+        # (64, 256, 64, 8, 3) and (128, 128, 64, 8, 4) won nowhere and were dropped.
         cands = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-                 (256, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
+                 (256, 128, 64, 8, 3), (64, 128, 64, 4, 3)]
         cands = [c + (True,) for c in cands] + [(128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
                                                 (256, 128, 64, 8, 3, False), (128, 128, 128, 8, 3, False)]
     out = []
