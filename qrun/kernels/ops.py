@@ -244,9 +244,9 @@ def _il4_candidates(nb):
     which multiplies the bytes in flight per SM for shapes with few rows (7B down and o, 0.5B); only where every
     program gets at least one step. PF: L2 prefetch (l2.py) of the program's whole share (1) or of a window
     PF steps ahead; its variants are new in round 9 (docs/PERF.md), so the tuner decides. The last two (8 rows a
-    program, split along K: half the x loads per weight byte of R4 1, for 7B down) came next; the three after them
-    (round 11: split and DEEP, so that a program's whole share, or most of it, is loaded before its wait, for
-    0.5B down's 224 row groups of 38 blocks) are not yet timed on a GPU."""
+    program, split along K: half the x loads per weight byte of R4 1, for 7B down) came next. The last (round 11:
+    split 4 and DEEP, so 8 of a program's 12 blocks are loaded before its wait) is the fastest on 0.5B down's 224
+    row groups of 38 blocks (docs/PERF.md attempt 58); two like it with G = 8 won nowhere and were dropped."""
     out = []
     for r4, g, deep, sp, pf in ((1, 2, 0, 1, 0), (1, 4, 0, 1, 0), (2, 4, 0, 1, 0), (1, 8, 0, 1, 0), (2, 2, 0, 1, 0),
                                 (1, 16, 0, 1, 0), (1, 2, 1, 1, 0), (1, 4, 1, 1, 0), (1, 8, 1, 1, 0),
@@ -254,8 +254,7 @@ def _il4_candidates(nb):
                                 (1, 4, 0, 3, 0), (1, 4, 1, 3, 0), (1, 2, 0, 4, 0), (1, 4, 0, 4, 0),
                                 (1, 2, 0, 1, 1), (1, 4, 0, 1, 1), (2, 4, 0, 1, 1), (1, 8, 0, 1, 1), (1, 4, 0, 2, 1),
                                 (1, 2, 0, 4, 1), (1, 4, 0, 1, 4), (1, 8, 0, 1, 4), (1, 2, 0, 1, 8),
-                                (2, 2, 0, 2, 0), (2, 2, 0, 4, 0),
-                                (1, 8, 1, 2, 0), (1, 8, 1, 3, 0), (1, 4, 1, 4, 0)):
+                                (2, 2, 0, 2, 0), (2, 2, 0, 4, 0), (1, 4, 1, 4, 0)):
         g = min(g, triton_next_pow2(nb))
         c = dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=sp, PF=pf, num_warps=max(1, g // 2), num_stages=1)
         if sp > 1 and (sp - 1) * _il4_blocks_per_split(nb, c) >= nb:
