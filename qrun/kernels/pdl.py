@@ -24,7 +24,9 @@ kernel is let in only when every program of the one before it is resident, so ea
 predecessor holds all the SM room it needs. A long-K GEMV launched without PDL (ops.PDL_MAX_K) then still
 lets its successor in early (mode 3). QRUN_PDL_EARLY=small does it only for the kernels that are not GEMVs
 (RoPE, attention, combine, norm, embedding, argmax): the GEMV after such a chain (o) becomes resident during
-the GEMV before it (qkv), and no GEMV's successor is let in before the GEMV's wait.
+the GEMV before it (qkv), and no GEMV's successor is let in before the GEMV's wait. Both are off by default:
+on the H100 they decoded Qwen2.5-7B at 436 and 444 tok/s against 460 (round 11, attempt 55: the o GEMV gains
+1.3 µs a layer, the attention kernel beside its early loads and the gate+up GEMV after it lose more).
 """
 from __future__ import annotations
 
