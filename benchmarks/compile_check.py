@@ -95,6 +95,22 @@ def il4_variants():
                     INTERPRET=False, **c), nw, ns)
 
 
+def il4_rope_variants():
+    """The qkv GEMV with RoPE and the cache write in its epilogue (QRUN_ROPE_QKV): its R4 = 2 configs, head dim
+    128, with and without bias and the fused norm."""
+    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr", "part_ptr", "cnt_ptr",
+            "cos_ptr", "sin_ptr", "pos_ptr", "kc_ptr", "vc_ptr")
+    for c, enc, extra in itertools.product(ops._il4_candidates(28, ops.IL4_ROPE_TABLE), ("int4_sym", "int4_asym"),
+                                           (False, True)):
+        c = dict(c)
+        nw, ns = c.pop("num_warps"), c.pop("num_stages", 1)
+        yield (gemv_il4_kernel, ptrs(base, "bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", res_ptr="*fp16",
+                                     part_ptr="*fp32", cnt_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+                                     pos_ptr="*i64"),
+               dict(ENC=enc, B=128, HAS_BIAS=extra, SILU=False, NORM=extra, HAS_RES=False, PDL=True,
+                    INTERPRET=False, ROPE=128, **c), nw, ns)
+
+
 def gemv4_variants():
     base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr")
     for c, (enc, silu, extra, norm, pdl) in itertools.product(ops._gemv4_candidates(128, 28), VARIANTS):
@@ -173,7 +189,7 @@ def step_variants():
            dict(BLOCK=4096, BB=1, PDL=True), 4, 3)
 
 
-FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "gemv4": gemv4_variants, "gemv": gemv_variants,
+FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "il4_rope": il4_rope_variants, "gemv4": gemv4_variants, "gemv": gemv_variants,
             "gemm": gemm_variants, "attention": attention_variants, "step": step_variants}
 
 

@@ -98,6 +98,7 @@ def _run() -> dict:
         ok=bool(torch.equal(kc3, kc2) and torch.equal(vc3, vc2) and (cnt == 0).all()))
     res.update(_embedding_cases())
     res.update(_argmax_cases())
+    res.update(_rope_qkv_cases())
     return res
 
 
@@ -122,6 +123,50 @@ def _embedding_cases() -> dict:
                 y = quant_embedding(ids, p["qweight"], p["scales"], p.get("zeros"), enc, bs, dim, dt)
                 res[f"emb-{enc}-{bs}-{dim}-{dt}"] = bool(y.dtype == dt and y.shape == ref.shape
                                                          and torch.equal(y, ref))
+    return res
+
+
+def _rope_qkv_cases() -> dict:
+    """The qkv GEMV with RoPE and the cache write in its epilogue (QRUN_ROPE_QKV) against the two-kernel path it
+    replaces, quant_linear then rope_kv_write, for int4 sym and asym, with and without bias and the fused norm,
+    unsplit and split along K; positions other than the token's stay untouched."""
+    import torch
+
+    from qrun.kernels import ops
+    from qrun.kernels.layout import to_layout
+    from qrun.kernels.rope_cache import rope_kv_write
+    from qrun.quant import quantize
+
+    torch.manual_seed(3)
+    res = {}
+    hq, kv, s, hd, k, bs = 4, 2, 40, 16, 96, 32
+    n = (hq + 2 * kv) * hd
+    freqs = torch.outer(torch.arange(s).float(), 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    pos = torch.tensor([23])
+    for enc in ("int4_sym", "int4_asym"):
+        qt = quantize(torch.randn(n, k), enc, bs)
+        parts = to_layout("il4", qt.parts["qweight"], qt.parts["scales"], qt.parts.get("zeros"))
+        for extra in (False, True):
+            bias = torch.randn(n) if extra else None
+            nw = torch.randn(k) if extra else None
+            for split in ("1", "2"):
+                os.environ["QRUN_IL4_SPLIT"] = split
+                ops._tuned.clear()
+                x = torch.randn(1, 1, k)
+                kc, vc = torch.full((1, kv, s, hd), 7.0), torch.full((1, kv, s, hd), 7.0)
+                kc2, vc2 = kc.clone(), vc.clone()
+                q = ops.quant_linear_rope_kv_triton(x, *parts, bias, enc, bs, k, nw, 1e-6, cos, sin, pos, kc, vc, hq)
+                qkv = ops.quant_linear_triton(x, *parts, bias, enc, bs, k, nw, 1e-6, None, "il4")
+                qref = rope_kv_write(qkv, cos, sin, pos, kc2, vc2, hq)
+                err = max((q - qref).abs().max().item(), (kc - kc2).abs().max().item(),
+                          (vc - vc2).abs().max().item())
+                kc[:, :, 23] = 7.0
+                vc[:, :, 23] = 7.0
+                untouched = bool((kc == 7.0).all() and (vc == 7.0).all())
+                res[f"rope-qkv-{enc}-{extra}-{split}"] = {"err": err, "untouched": untouched}
+    os.environ.pop("QRUN_IL4_SPLIT", None)
     return res
 
 
@@ -188,6 +233,14 @@ def test_quant_embedding(results):
 
 def test_argmax_advance(results):
     assert results["argmax"]
+
+
+def test_rope_in_qkv_gemv(results):
+    cases = {k: v for k, v in results.items() if k.startswith("rope-qkv-")}
+    assert len(cases) == 2 * 2 * 2
+    for name, r in cases.items():
+        assert r["untouched"], name  # only the token's cache row is written
+        assert r["err"] <= 1e-4, (name, r)  # the same float32 sums, rotated in another kernel
 
 
 if __name__ == "__main__":

@@ -107,6 +107,33 @@ def test_fused_rope_attention_matches_unfused(model_file, graph, mode, monkeypat
     assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[0].abs().max()
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_rope_in_qkv_gemv_matches_unfused(model_file, graph, monkeypatch):
+    """QRUN_ROPE_QKV: the qkv GEMV rotates q and k and writes k and v into the caches itself (no RoPE kernel).
+    The logits of 20 decode steps after a prefill match the RoPE-kernel path, eager and in a CUDA graph, and the
+    fused kernel did run."""
+    import qrun
+    from qrun import kernels
+    from qrun.kernels import ops
+    calls = []
+    fused = ops.quant_linear_rope_kv_triton
+    monkeypatch.setattr(ops, "quant_linear_rope_kv_triton", lambda *a: calls.append(1) or fused(*a))
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "ROPE_QKV", on)
+        llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=256, graph=graph)
+        torch.manual_seed(0)
+        ids = torch.randint(0, llm.model.args.vocab_size, (1, 140), device="cuda")
+        from qrun.runtime.generate import prefill
+        with torch.inference_mode():
+            prefill(llm.model, ids[:, :120], torch.arange(120, device="cuda"))
+            seq = [llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda")).clone() for t in range(120, 140)]
+        outs.append(torch.stack(seq).float().cpu())
+    assert calls
+    assert torch.isfinite(outs[1]).all()
+    assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[0].abs().max()
+
+
 def test_tune_decode_keeps_candidates_and_results(model_file, monkeypatch):
     """qrun tune's search (runtime/tune.py): every GEMV of the step gets one of its launcher's candidates, and
     greedy decoding gives the same tokens before and after (configs change speed, not results beyond

@@ -50,6 +50,19 @@ except ImportError:  # pragma: no cover
     quant_embedding = embedding_supported = argmax_advance = None
 # "1": RoPE, cache write, attention and combine in one kernel; "2": the first three, then the combine kernel
 FUSED_ATTN = {"1": 1, "2": 2}.get(os.environ.get("QRUN_FUSED_ATTN", "0"), 0)
+# "1": the decode step's qkv GEMV also does RoPE and the cache write (ops.quant_linear_rope_kv_triton); opt-in
+# until timed on the GPU (docs/PERF.md round 11)
+ROPE_QKV = os.environ.get("QRUN_ROPE_QKV", "0") == "1"
+
+
+def quant_linear_rope_kv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                         bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int,
+                         norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                         input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         n_heads: int) -> torch.Tensor:
+    """CUDA, il4 int4 weights, one token: q (1, H, hd) rotated; k rotated and v written into the caches."""
+    return torch.ops.qrun.quant_linear_rope_kv(x, qweight, scales, zeros, bias, encoding, block_size, in_features,
+                                               norm_weight, eps, cos, sin, input_pos, k_cache, v_cache, n_heads)
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

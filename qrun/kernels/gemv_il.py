@@ -126,6 +126,9 @@ def gemv_il4_kernel(
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
     HAS_RES: tl.constexpr, R4: tl.constexpr, G: tl.constexpr, DEEP: tl.constexpr = False,
     SPLIT: tl.constexpr = 1, PF: tl.constexpr = 0, PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+    # ROPE > 0 (the head dim): the qkv projection of one token, rotated and written where RoPE + the cache write
+    # would put it (_rope_epilogue): cos/sin (S, ROPE) float32, the position (1,) int64, k/v caches (KV, S, ROPE)
+    ROPE: tl.constexpr = 0, cos_ptr=None, sin_ptr=None, pos_ptr=None, kc_ptr=None, vc_ptr=None, NH=0, NKV=0, S=0,
 ):
     """Program (p, sp): output row groups p R4 .. p R4 + R4 - 1 (4 rows each), over blocks sp NBS .. (sp + 1)
     NBS - 1 of K (NBS a multiple of G; all of K when SPLIT == 1) in steps of G blocks.
@@ -138,7 +141,10 @@ def gemv_il4_kernel(
     a row group to arrive (an acq_rel counter, the pattern of gemv_tc16_kernel) adds them in split order, does
     the epilogue and resets the counter.
     PF (l2.py): 0 none; 1 the program's whole share of the weights, scales and zeros is prefetched into L2 at its
-    start; n > 1 a window n steps ahead of the step computed (prefetched at the start, then one step a step)."""
+    start; n > 1 a window n steps ahead of the step computed (prefetched at the start, then one step a step).
+    ROPE (R4 = 2, PF 0, no SILU or residual): program p takes the row groups j and j + ROPE / 8 of head p // (ROPE
+    / 8), j = p % (ROPE / 8): rows i and i + ROPE / 2 of the head, the pair RoPE rotates, so the epilogue rotates q
+    and k and writes q to y (NH, ROPE), k and v into the caches at the position: no RoPE kernel after it."""
     ASM: tl.constexpr = not INTERPRET
     PFW: tl.constexpr = PF > 0 and not INTERPRET
     WPB: tl.constexpr = B // 8
@@ -146,7 +152,11 @@ def gemv_il4_kernel(
     pid = tl.program_id(0)
     gstart = tl.program_id(1) * NBS
     gend = tl.minimum(gstart + NBS, NB)
-    rg = pid * R4 + tl.arange(0, R4)
+    if ROPE:
+        HALF: tl.constexpr = ROPE // 8  # row groups in half a head
+        rg = (pid // HALF) * (2 * HALF) + pid % HALF + tl.arange(0, R4) * HALF
+    else:
+        rg = pid * R4 + tl.arange(0, R4)
     if PFW:  # before anything else: these bytes depend on nothing earlier kernels write
         pf_end = gend if PF == 1 else tl.minimum(gstart + PF * G, gend)
         _prefetch_blocks(w_ptr, s_ptr, z_ptr, pid * R4, N4, NB, gstart, pf_end, R4, WPB, ENC)
@@ -211,10 +221,14 @@ def gemv_il4_kernel(
     else:
         up = out  # unused
     ssq_t = tl.sum(tl.sum(ssq, axis=1), axis=0)
-    rows = (pid * R4 + tl.arange(0, R4))[:, None] * 4 + tl.arange(0, 4)[None, :]      # (R4, 4)
+    rows = rg[:, None] * 4 + tl.arange(0, 4)[None, :]                                 # (R4, 4)
     if SPLIT == 1:
-        _il4_epilogue(out, up, ssq_t, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM,
-                      HAS_RES, INTERPRET)
+        if ROPE:
+            _rope_epilogue(out, ssq_t, rows, pid, K, eps, bias_ptr, y_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr,
+                           NH, NKV, S, HAS_BIAS, NORM, ROPE, INTERPRET)
+        else:
+            _il4_epilogue(out, up, ssq_t, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM,
+                          HAS_RES, INTERPRET)
     else:
         # partials [program, split, PW]: the R4 x 4 gate (or only) sums, the R4 x 4 up sums, the sum of x^2
         PW: tl.constexpr = 8 * R4 + 1
@@ -239,8 +253,12 @@ def gemv_il4_kernel(
                     utot += tl.load(pp + sp * PW + 4 * R4 + loc, cache_modifier=".cg")
                 if NORM:
                     ssq_t += tl.load(pp + sp * PW + 8 * R4, cache_modifier=".cg")
-            _il4_epilogue(tot, utot, ssq_t, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM,
-                          HAS_RES, INTERPRET)
+            if ROPE:
+                _rope_epilogue(tot, ssq_t, rows, pid, K, eps, bias_ptr, y_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr,
+                               vc_ptr, NH, NKV, S, HAS_BIAS, NORM, ROPE, INTERPRET)
+            else:
+                _il4_epilogue(tot, utot, ssq_t, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU,
+                              NORM, HAS_RES, INTERPRET)
 
 
 @triton.jit
@@ -260,3 +278,37 @@ def _il4_epilogue(out, up, ssq, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, H
     if HAS_RES:
         out += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=rmask)
+
+
+@triton.jit
+def _rope_epilogue(out, ssq, rows, pid, K, eps, bias_ptr, q_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, NH, NKV,
+                   S, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HD: tl.constexpr, INTERPRET: tl.constexpr):
+    """out (2, 4) float32 sums of rows `rows` = (i, i + HD/2) x 4 of head h = pid // (HD/8) -> * rsqrt(mean(x^2) +
+    eps) with NORM, + bias; then, as rope_cache_kernel does (rotate half): q heads (h < NH) rotated into q (NH,
+    HD), k heads rotated and v heads as they are into their cache rows at the position."""
+    if NORM:
+        out = out * tl.rsqrt(ssq / K + eps)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows).to(tl.float32)
+    first = (tl.arange(0, 2) == 0)[:, None]
+    x1 = tl.sum(tl.where(first, out, 0.0), axis=0)  # (4,): dims d of the head
+    x2 = tl.sum(tl.where(first, 0.0, out), axis=0)  # dims d + HD/2
+    HALF: tl.constexpr = HD // 8
+    h = pid // HALF
+    d = (pid % HALF) * 4 + tl.arange(0, 4)
+    pos = tl.load(pos_ptr)
+    if h < NH + NKV:
+        c = tl.load(cos_ptr + pos * HD + d)
+        sn = tl.load(sin_ptr + pos * HD + d)
+        o1 = x1 * c - x2 * sn
+        o2 = x2 * c + x1 * sn
+        if h < NH:
+            dst = q_ptr + h * HD
+        else:
+            dst = kc_ptr + ((h - NH) * S + pos) * HD
+    else:
+        o1 = x1
+        o2 = x2
+        dst = vc_ptr + ((h - NH - NKV) * S + pos) * HD
+    tl.store(dst + d, cast(o1, dst.dtype.element_ty, INTERPRET))
+    tl.store(dst + HD // 2 + d, cast(o2, dst.dtype.element_ty, INTERPRET))

@@ -101,7 +101,7 @@ def _pick(key: tuple, candidates: list[dict], launch) -> dict:
 
 
 # ------------------------------------------------------------------ picks, for tuning in the decode step
-GEMV_KINDS = ("gemv_il4", "gemv_tc16", "gemv4", "gemv")  # the M = 1 launchers' tuner keys (key[1])
+GEMV_KINDS = ("gemv_il4", "gemv_il4_rope", "gemv_tc16", "gemv4", "gemv")  # the M = 1 launchers' tuner keys
 
 
 def gemv_keys() -> list[tuple]:
@@ -116,6 +116,8 @@ def gemv_candidates(key: tuple) -> list[dict]:
     nb = triton_cdiv(k, bs)
     if kind == "gemv_il4":
         return _il4_candidates(nb)
+    if kind == "gemv_il4_rope":
+        return _il4_candidates(nb, IL4_ROPE_TABLE)
     if kind == "gemv_tc16":
         return _tc16_candidates()
     if kind == "gemv4":
@@ -237,7 +239,11 @@ def _il4_blocks_per_split(nb: int, c: dict) -> int:
     return nb if split == 1 else triton_cdiv(triton_cdiv(nb, split), c["G"]) * c["G"]
 
 
-def _il4_candidates(nb):
+IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1, 0), (2, 2, 0, 2, 0),
+                  (2, 2, 1, 2, 0), (2, 2, 0, 4, 0))  # R4 2 and no prefetch: what ROPE (gemv_il.py) runs
+
+
+def _il4_candidates(nb, table=None):
     """(R4 groups of 4 rows, G blocks per step, DEEP, SPLIT, PF, warps = G * 16 threads / 32): few row groups and
     short steps give many programs for short K; long K (down projections) needs more warps per program along
     K. DEEP: three steps of weights in flight per thread instead of two. SPLIT: programs per row group along K,
@@ -248,7 +254,7 @@ def _il4_candidates(nb):
     split 4 and DEEP, so 8 of a program's 12 blocks are loaded before its wait) is the fastest on 0.5B down's 224
     row groups of 38 blocks (docs/PERF.md attempt 58); two like it with G = 8 won nowhere and were dropped."""
     out = []
-    for r4, g, deep, sp, pf in ((1, 2, 0, 1, 0), (1, 4, 0, 1, 0), (2, 4, 0, 1, 0), (1, 8, 0, 1, 0), (2, 2, 0, 1, 0),
+    for r4, g, deep, sp, pf in table or ((1, 2, 0, 1, 0), (1, 4, 0, 1, 0), (2, 4, 0, 1, 0), (1, 8, 0, 1, 0), (2, 2, 0, 1, 0),
                                 (1, 16, 0, 1, 0), (1, 2, 1, 1, 0), (1, 4, 1, 1, 0), (1, 8, 1, 1, 0),
                                 (1, 16, 1, 1, 0), (1, 4, 0, 2, 0), (1, 4, 1, 2, 0), (1, 8, 0, 2, 0), (1, 2, 1, 2, 0),
                                 (1, 4, 0, 3, 0), (1, 4, 1, 3, 0), (1, 2, 0, 4, 0), (1, 4, 0, 4, 0),
@@ -587,6 +593,48 @@ def quant_linear_silu_mul_triton(x, qweight, scales, zeros, encoding, block_size
                    layout=layout)
 
 
+def quant_linear_rope_kv_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight,
+                                eps, cos, sin, input_pos, k_cache, v_cache, n_heads):
+    """The decode step's qkv projection with RoPE and the cache write in its epilogue (QRUN_ROPE_QKV, gemv_il.py
+    ROPE): x (1, 1, K) -> q (1, H, hd) rotated; k rotated and v written into k_cache / v_cache (B', KV, S, hd)
+    at input_pos (1,). The weight is the il4 one of rows q | k | v, (H + 2 KV) hd of them."""
+    _check(x, qweight, scales, zeros, encoding, block_size, in_features)
+    _, kv, s_len, hd = k_cache.shape
+    n, nb = scales.shape
+    if encoding not in ("int4_sym", "int4_asym") or hd % 8 or n != (n_heads + 2 * kv) * hd or x.numel() != in_features:
+        raise ValueError(f"qkv with RoPE needs int4 il4 weights of (heads + 2 kv heads) x head dim rows and one "
+                         f"token (got {encoding}, {n} rows, {n_heads} + 2 x {kv} heads of {hd}, x {tuple(x.shape)})")
+    k = in_features
+    x2 = x.reshape(1, k).contiguous()
+    q = torch.empty(1, n_heads, hd, dtype=x.dtype, device=x.device)
+    z = zeros if zeros is not None else scales
+    b = bias if bias is not None else scales
+    nw = norm_weight if norm_weight is not None else scales
+    flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=False, NORM=norm_weight is not None,
+                 HAS_RES=False, INTERPRET=INTERPRET, ROPE=hd)
+    kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl_kwargs(x2, gemv=True)
+    progs = n // 8  # R4 = 2 row groups of 4 rows a program
+
+    def launch(c, w, sc, zz):
+        split = c.get("SPLIT", 1)
+        if split > 1:
+            part = torch.empty(progs * split * (8 * c["R4"] + 1), dtype=torch.float32, device=x.device)
+            cnt = _tile_counters(x.device, progs)
+        else:
+            part = cnt = sc
+        LAST["gemv"] = gemv_il4_kernel[(progs, split)](x2, w, sc, zz, b, nw, sc, q, part, cnt, n, k, nb,
+                                                       _il4_blocks_per_split(nb, c), eps, **flags, **kw,
+                                                       cos_ptr=cos, sin_ptr=sin, pos_ptr=input_pos, kc_ptr=k_cache,
+                                                       vc_ptr=v_cache, NH=n_heads, NKV=kv, S=s_len, **c)
+    dev = x.device.index if x.device.type == "cuda" else -1
+    key = (dev, "gemv_il4_rope", encoding, block_size, x.dtype, scales.dtype, n, k, bias is not None, False,
+           norm_weight is not None, False, "il4")
+    w32 = qweight.view(torch.int32)
+    cfg = LAST["gemv_cfg"] = _pick_chain(key, _il4_candidates(nb, IL4_ROPE_TABLE), launch, (w32, scales, z))
+    launch(cfg, w32, scales, z)
+    return q
+
+
 # ------------------------------------------------------------------------------------ torch.library ops
 
 @torch.library.custom_op("qrun::quant_linear", mutates_args=())
@@ -616,3 +664,19 @@ def quant_linear_silu_mul_op(x: torch.Tensor, qweight: torch.Tensor, scales: tor
 @quant_linear_silu_mul_op.register_fake
 def _(x, qweight, scales, zeros, encoding, block_size, in_features, norm_weight=None, eps=0.0, layout="rows"):
     return x.new_empty((*x.shape[:-1], scales.shape[0] // 2))
+
+
+@torch.library.custom_op("qrun::quant_linear_rope_kv", mutates_args=("k_cache", "v_cache"))
+def quant_linear_rope_kv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                            zeros: torch.Tensor | None, bias: torch.Tensor | None, encoding: str, block_size: int,
+                            in_features: int, norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                            sin: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            n_heads: int) -> torch.Tensor:
+    return quant_linear_rope_kv_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features,
+                                       norm_weight, eps, cos, sin, input_pos, k_cache, v_cache, n_heads)
+
+
+@quant_linear_rope_kv_op.register_fake
+def _(x, qweight, scales, zeros, bias, encoding, block_size, in_features, norm_weight, eps, cos, sin, input_pos,
+      k_cache, v_cache, n_heads):
+    return x.new_empty(1, n_heads, k_cache.shape[-1])

@@ -64,6 +64,19 @@ class QuantLinear(nn.Module):
                                     norm_weight=None if norm is None else norm.weight,
                                     eps=0.0 if norm is None else norm.eps, residual=residual, layout=self.layout)
 
+    def rope_kv(self, x, norm, cos, sin, input_pos, k_cache, v_cache, n_heads) -> torch.Tensor | None:
+        """The decode step's qkv projection of one token with RoPE and the cache write fused in (QRUN_ROPE_QKV):
+        q (1, H, hd), k and v written into the caches; None where that kernel does not apply."""
+        if not (kernels.ROPE_QKV and x.is_cuda and x.numel() == self.in_features and self.layout == "il4"
+                and k_cache.shape[-1] % 8 == 0):
+            return None
+        return kernels.quant_linear_rope_kv(x, self.qweight, self.scales, self.zeros, self.bias,
+                                            encoding=self.encoding, block_size=self.block_size,
+                                            in_features=self.in_features,
+                                            norm_weight=None if norm is None else norm.weight,
+                                            eps=0.0 if norm is None else norm.eps, cos=cos, sin=sin,
+                                            input_pos=input_pos, k_cache=k_cache, v_cache=v_cache, n_heads=n_heads)
+
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.encoding}, block {self.block_size}, {self.layout}"
 

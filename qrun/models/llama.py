@@ -174,17 +174,24 @@ class Attention(nn.Module):
         qkv projection); cos/sin (T, hd); mask (T, S) bool, True = may attend; input_pos (T,) or None;
         kv_len: read only cache positions [0, kv_len) (S = kv_len), or the whole cache when None."""
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x, norm=norm)
         if gpu_decode(t, input_pos, x, self.hd):
-            # Decode step on the GPU: RoPE + cache write in one kernel, attention reading only [0, pos].
+            # Decode step on the GPU: RoPE + cache write in one kernel (or in the qkv GEMV's epilogue, where the
+            # projection offers it: rope_kv), attention reading only [0, pos].
             c = self.kv_cache
-            if kernels.FUSED_ATTN:  # all of it in one kernel (QRUN_FUSED_ATTN=1), or all but the combine (=2)
-                y = kernels.rope_attention(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, c.counters,
-                                           self.n_heads, kernels.FUSED_ATTN == 1)
-            else:
+            rope_kv = getattr(self.qkv_proj, "rope_kv", None)
+            q = None
+            if rope_kv is not None and b == 1 and not kernels.FUSED_ATTN:
+                q = rope_kv(x, norm, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
+            if q is None:
+                qkv = self.qkv_proj(x, norm=norm)
+                if kernels.FUSED_ATTN:  # all of it in one kernel (QRUN_FUSED_ATTN=1), or all but the combine (=2)
+                    y = kernels.rope_attention(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, c.counters,
+                                               self.n_heads, kernels.FUSED_ATTN == 1)
+                    return self.o_proj(y.view(b, 1, -1), residual=residual)
                 q = kernels.rope_kv_write(qkv, *self.rope, input_pos, c.k_cache, c.v_cache, self.n_heads)
-                y = kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos)
+            y = kernels.decode_attention(q, c.k_cache, c.v_cache, input_pos)
             return self.o_proj(y.view(b, 1, -1), residual=residual)
+        qkv = self.qkv_proj(x, norm=norm)
         q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
         q = apply_rope(q.view(b, t, self.n_heads, self.hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.view(b, t, self.n_kv, self.hd).transpose(1, 2), cos, sin)  # (B, KV, T, hd)
