@@ -81,25 +81,32 @@ def test_fused_decode_matches_full_forward(model_file):
             assert (step - full[t]).abs().max() <= 1e-3 * full[t].abs().max(), t
 
 
+def _decode_after_prefill(model_file, graph):
+    """Load in float32 (max_seq 256: two cache slices of 128), prefill 120 random tokens, then decode 20 more
+    one at a time (positions 120..139, across the slice boundary) -> (llm, logits (20, 1, V) on the CPU)."""
+    import qrun
+    from qrun.runtime.generate import prefill
+    llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=256, graph=graph)
+    torch.manual_seed(0)
+    ids = torch.randint(0, llm.model.args.vocab_size, (1, 140), device="cuda")
+    with torch.inference_mode():
+        prefill(llm.model, ids[:, :120], torch.arange(120, device="cuda"))
+        seq = [llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda")).clone() for t in range(120, 140)]
+    return llm, torch.stack(seq).float().cpu()
+
+
 @pytest.mark.parametrize("mode", [1, 2])
 @pytest.mark.parametrize("graph", [False, True])
 def test_fused_rope_attention_matches_unfused(model_file, graph, mode, monkeypatch):
     """QRUN_FUSED_ATTN's one-kernel RoPE + cache write + attention + combine (mode 1; mode 2: the combine kernel
     kept) gives the logits of the three-kernel path, eager and in a CUDA graph, with two cache slices (max_seq 256, the tiny config's limit: 2 slices of 128) and the token
     crossing a slice boundary (positions 120..139)."""
-    import qrun
     from qrun import kernels
     outs = []
     for fused in (0, mode):
         monkeypatch.setattr(kernels, "FUSED_ATTN", fused)
-        llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=256, graph=graph)
-        torch.manual_seed(0)
-        ids = torch.randint(0, llm.model.args.vocab_size, (1, 140), device="cuda")
-        from qrun.runtime.generate import prefill
-        with torch.inference_mode():
-            prefill(llm.model, ids[:, :120], torch.arange(120, device="cuda"))
-            seq = [llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda")).clone() for t in range(120, 140)]
-        outs.append(torch.stack(seq).float().cpu())
+        llm, logits = _decode_after_prefill(model_file, graph)
+        outs.append(logits)
         if fused:
             assert all((m.kv_cache.counters == 0).all() for m in llm.model.modules() if hasattr(m, "kv_cache")
                        and m.kv_cache is not None)
@@ -112,7 +119,6 @@ def test_rope_in_qkv_gemv_matches_unfused(model_file, graph, monkeypatch):
     """QRUN_ROPE_QKV: the qkv GEMV rotates q and k and writes k and v into the caches itself (no RoPE kernel).
     The logits of 20 decode steps after a prefill match the RoPE-kernel path, eager and in a CUDA graph, and the
     fused kernel ran wherever the qkv weight is int4 on the il4 layout (the int8 model keeps the RoPE kernel)."""
-    import qrun
     from qrun import kernels
     from qrun.kernels import ops
     calls = []
@@ -121,14 +127,8 @@ def test_rope_in_qkv_gemv_matches_unfused(model_file, graph, monkeypatch):
     outs = []
     for on in (False, True):
         monkeypatch.setattr(kernels, "ROPE_QKV", on)
-        llm = qrun.load(model_file, device="cuda", dtype="float32", progress=False, max_seq_len=256, graph=graph)
-        torch.manual_seed(0)
-        ids = torch.randint(0, llm.model.args.vocab_size, (1, 140), device="cuda")
-        from qrun.runtime.generate import prefill
-        with torch.inference_mode():
-            prefill(llm.model, ids[:, :120], torch.arange(120, device="cuda"))
-            seq = [llm.decode_step(ids[:, t:t + 1], torch.tensor([t], device="cuda")).clone() for t in range(120, 140)]
-        outs.append(torch.stack(seq).float().cpu())
+        llm, logits = _decode_after_prefill(model_file, graph)
+        outs.append(logits)
     il4 = getattr(llm.model.layers[0].self_attn.qkv_proj, "layout", None) == "il4"
     assert bool(calls) == il4
     assert torch.isfinite(outs[1]).all()

@@ -31,6 +31,7 @@ from .dequant import cast
 from .gemv4 import _nibbles, _split8
 from .l2 import l2_prefetch
 from .pdl import pdl_enter
+from .rope_cache import rotate_half
 
 
 @triton.jit
@@ -298,10 +299,7 @@ def _rope_epilogue(out, ssq, rows, pid, K, eps, bias_ptr, q_ptr, cos_ptr, sin_pt
     d = (pid % HALF) * 4 + tl.arange(0, 4)
     pos = tl.load(pos_ptr)
     if h < NH + NKV:
-        c = tl.load(cos_ptr + pos * HD + d)
-        sn = tl.load(sin_ptr + pos * HD + d)
-        o1 = x1 * c - x2 * sn
-        o2 = x2 * c + x1 * sn
+        o1, o2 = rotate_half(x1, x2, cos_ptr, sin_ptr, pos, d, HD)
         if h < NH:
             dst = q_ptr + h * HD
         else:

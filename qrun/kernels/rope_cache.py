@@ -22,6 +22,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def rotate_half(x1, x2, cos_ptr, sin_ptr, pos, d, HD: tl.constexpr):
+    """x1, x2 float32 = dims d and d + HD/2 of a head -> both rotated by the (S, HD) float32 tables at pos."""
+    c = tl.load(cos_ptr + pos * HD + d)
+    s = tl.load(sin_ptr + pos * HD + d)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
 def rope_cache_kernel(
     # pointers: qkv (B, (H + 2 KV) * HD) of one token, cos/sin (S, HD) float32, position (1,) int64,
     # q_out (B, H, HD), k_cache/v_cache (B, KV, S, HD)
@@ -41,10 +49,7 @@ def rope_cache_kernel(
     x1 = tl.load(base + half).to(tl.float32)
     x2 = tl.load(base + HD // 2 + half).to(tl.float32)
     if head < H + KV:
-        c = tl.load(cos_ptr + pos * HD + half)
-        s = tl.load(sin_ptr + pos * HD + half)
-        o1 = x1 * c - x2 * s
-        o2 = x2 * c + x1 * s
+        o1, o2 = rotate_half(x1, x2, cos_ptr, sin_ptr, pos, half, HD)
         if head < H:
             dst = q_ptr + (b * H + head) * HD
         else:
