@@ -14,10 +14,11 @@ for s in $stages; do
   case $s in
     tests)  # recent kernel changes: il4 split-K and L2 prefetch (every config on 7B down and qkv), the fused
       # attention, the embedding and argmax kernels of the step's head and tail, every M = 1024 GEMM config
-      # (round 10 added three; round 11 kept one)
+      # (round 10 added three; round 11 kept one), RoPE in the qkv GEMV and the PDL modes (round 11)
       QRUN_KERNEL_TUNE=0 timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_kernels_gpu.py \
-        tests/test_gpu_model.py -k "${TESTS_K:-il4_layout_every_config and (18944 or 3584-4608) or fused_rope \
-        or quant_embedding or argmax_advance or prefill_gemm_every_config}" \
+        tests/test_gpu_model.py tests/test_gpu_pdl.py -k "${TESTS_K:-il4_layout_every_config and (18944 or \
+        3584-4608) or fused_rope or quant_embedding or argmax_advance or prefill_gemm_every_config or rope_in_qkv \
+        or pdl}" \
         --durations=8 -p no:cacheprovider --tb=short 2>&1 | tail -25 ;;
     configs)  # every GEMM config, the known-wrong tc16 ones included: rows over 5e-3 only
       timeout 150 python3 benchmarks/gemm_configs.py --repeats 2 --ms 64,1024 --every \
