@@ -232,6 +232,20 @@ def _gemv_candidates(encoding, block_size, nb):
     return out
 
 
+def _gemv_pdl(x2: torch.Tensor, k: int) -> dict:
+    """Launch keywords of a decode GEMV over K inputs: PDL (pdl.py), except from PDL_MAX_K on (see _launch)."""
+    return pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl_kwargs(x2, gemv=True)
+
+
+def _il4_scratch(progs: int, c: dict, device, dummy: torch.Tensor):
+    """Split-K partials and arrival counters of an il4 launch of `progs` row-group programs (dummies unsplit)."""
+    split = c.get("SPLIT", 1)
+    if split == 1:
+        return dummy, dummy
+    return (torch.empty(progs * split * (8 * c["R4"] + 1), dtype=torch.float32, device=device),
+            _tile_counters(device, progs))
+
+
 def _il4_blocks_per_split(nb: int, c: dict) -> int:
     """Quantization blocks of K per program of a row group: all nb, or with SPLIT programs a multiple of the
     step (G blocks), so that no step straddles two programs."""
@@ -239,11 +253,17 @@ def _il4_blocks_per_split(nb: int, c: dict) -> int:
     return nb if split == 1 else triton_cdiv(triton_cdiv(nb, split), c["G"]) * c["G"]
 
 
+# (R4, G, DEEP, SPLIT, PF): _il4_candidates' docstring says what each is
+IL4_TABLE = ((1, 2, 0, 1, 0), (1, 4, 0, 1, 0), (2, 4, 0, 1, 0), (1, 8, 0, 1, 0), (2, 2, 0, 1, 0), (1, 16, 0, 1, 0),
+             (1, 2, 1, 1, 0), (1, 4, 1, 1, 0), (1, 8, 1, 1, 0), (1, 16, 1, 1, 0), (1, 4, 0, 2, 0), (1, 4, 1, 2, 0),
+             (1, 8, 0, 2, 0), (1, 2, 1, 2, 0), (1, 4, 0, 3, 0), (1, 4, 1, 3, 0), (1, 2, 0, 4, 0), (1, 4, 0, 4, 0),
+             (1, 2, 0, 1, 1), (1, 4, 0, 1, 1), (2, 4, 0, 1, 1), (1, 8, 0, 1, 1), (1, 4, 0, 2, 1), (1, 2, 0, 4, 1),
+             (1, 4, 0, 1, 4), (1, 8, 0, 1, 4), (1, 2, 0, 1, 8), (2, 2, 0, 2, 0), (2, 2, 0, 4, 0), (1, 4, 1, 4, 0))
 IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1, 0), (2, 2, 0, 2, 0),
                   (2, 2, 1, 2, 0), (2, 2, 0, 4, 0))  # R4 2 and no prefetch: what ROPE (gemv_il.py) runs
 
 
-def _il4_candidates(nb, table=None):
+def _il4_candidates(nb, table=IL4_TABLE):
     """(R4 groups of 4 rows, G blocks per step, DEEP, SPLIT, PF, warps = G * 16 threads / 32): few row groups and
     short steps give many programs for short K; long K (down projections) needs more warps per program along
     K. DEEP: three steps of weights in flight per thread instead of two. SPLIT: programs per row group along K,
@@ -254,13 +274,7 @@ def _il4_candidates(nb, table=None):
     split 4 and DEEP, so 8 of a program's 12 blocks are loaded before its wait) is the fastest on 0.5B down's 224
     row groups of 38 blocks (docs/PERF.md attempt 58); two like it with G = 8 won nowhere and were dropped."""
     out = []
-    for r4, g, deep, sp, pf in table or ((1, 2, 0, 1, 0), (1, 4, 0, 1, 0), (2, 4, 0, 1, 0), (1, 8, 0, 1, 0), (2, 2, 0, 1, 0),
-                                (1, 16, 0, 1, 0), (1, 2, 1, 1, 0), (1, 4, 1, 1, 0), (1, 8, 1, 1, 0),
-                                (1, 16, 1, 1, 0), (1, 4, 0, 2, 0), (1, 4, 1, 2, 0), (1, 8, 0, 2, 0), (1, 2, 1, 2, 0),
-                                (1, 4, 0, 3, 0), (1, 4, 1, 3, 0), (1, 2, 0, 4, 0), (1, 4, 0, 4, 0),
-                                (1, 2, 0, 1, 1), (1, 4, 0, 1, 1), (2, 4, 0, 1, 1), (1, 8, 0, 1, 1), (1, 4, 0, 2, 1),
-                                (1, 2, 0, 4, 1), (1, 4, 0, 1, 4), (1, 8, 0, 1, 4), (1, 2, 0, 1, 8),
-                                (2, 2, 0, 2, 0), (2, 2, 0, 4, 0), (1, 4, 1, 4, 0)):
+    for r4, g, deep, sp, pf in table:
         g = min(g, triton_next_pow2(nb))
         c = dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=sp, PF=pf, num_warps=max(1, g // 2), num_stages=1)
         if sp > 1 and (sp - 1) * _il4_blocks_per_split(nb, c) >= nb:
@@ -435,7 +449,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         res = residual.reshape(n_out).contiguous() if residual is not None else scales
         flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, HAS_RES=residual is not None,
                      F16=x.dtype == torch.float16, INTERPRET=INTERPRET)
-        kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl_kwargs(x2, gemv=True)
+        kw = _gemv_pdl(x2, k)
         nq = nb * block_size // 64
         flags["KFULL"] = k == nq * 64
 
@@ -499,16 +513,12 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             # 6.1 us). Our reading: the successor's programs become resident early and unevenly across the
             # SMs, and a grid of one long wave is as slow as its most loaded SM. The tuner cannot see it (it
             # times each config in a chain of itself), hence a rule. Not launching with PDL is always safe.
-            kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl
+            kw = _gemv_pdl(x2, k)
 
             def launch(c, w, s, zz, out=y):
-                progs, split = triton_cdiv(n_out // 4, c["R4"]), c.get("SPLIT", 1)
-                if split > 1:  # partials of each row group's K shares; the counters stay zero between launches
-                    part = torch.empty(progs * split * (8 * c["R4"] + 1), dtype=torch.float32, device=x.device)
-                    cnt = _tile_counters(x.device, progs)
-                else:
-                    part = cnt = scales
-                LAST["gemv"] = gemv_il4_kernel[(progs, split)](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
+                progs = triton_cdiv(n_out // 4, c["R4"])
+                part, cnt = _il4_scratch(progs, c, x.device, scales)  # the counters stay zero between launches
+                LAST["gemv"] = gemv_il4_kernel[(progs, c.get("SPLIT", 1))](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
                                                                nb, _il4_blocks_per_split(nb, c), eps, **flags, **kw,
                                                                **c)
             kind, cands = "gemv_il4", _il4_candidates(nb)
@@ -612,17 +622,12 @@ def quant_linear_rope_kv_triton(x, qweight, scales, zeros, bias, encoding, block
     nw = norm_weight if norm_weight is not None else scales
     flags = dict(ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=False, NORM=norm_weight is not None,
                  HAS_RES=False, INTERPRET=INTERPRET, ROPE=hd)
-    kw = pdl_trigger_kwargs(x2) if k >= PDL_MAX_K else pdl_kwargs(x2, gemv=True)
+    kw = _gemv_pdl(x2, k)
     progs = n // 8  # R4 = 2 row groups of 4 rows a program
 
     def launch(c, w, sc, zz):
-        split = c.get("SPLIT", 1)
-        if split > 1:
-            part = torch.empty(progs * split * (8 * c["R4"] + 1), dtype=torch.float32, device=x.device)
-            cnt = _tile_counters(x.device, progs)
-        else:
-            part = cnt = sc
-        LAST["gemv"] = gemv_il4_kernel[(progs, split)](x2, w, sc, zz, b, nw, sc, q, part, cnt, n, k, nb,
+        part, cnt = _il4_scratch(progs, c, x.device, sc)
+        LAST["gemv"] = gemv_il4_kernel[(progs, c.get("SPLIT", 1))](x2, w, sc, zz, b, nw, sc, q, part, cnt, n, k, nb,
                                                        _il4_blocks_per_split(nb, c), eps, **flags, **kw,
                                                        cos_ptr=cos, sin_ptr=sin, pos_ptr=input_pos, kc_ptr=k_cache,
                                                        vc_ptr=v_cache, NH=n_heads, NKV=kv, S=s_len, **c)
