@@ -8,14 +8,18 @@ The device runs triton 3.6; CI and this machine 3.9. To check against the device
     pip download --no-deps triton==3.6.0 -d /tmp/tri36 && pip install --no-deps --target /tmp/t36 /tmp/tri36/*.whl
     PYTHONPATH=/tmp/t36 python3 benchmarks/compile_check.py [--only tc16,rope_attention]
 
-Prints one line per kernel family and the failures; exit status 1 when any variant fails to compile.
+Prints one line per kernel family and the failures; exit status 1 when any variant fails to compile. It also
+counts the variants whose wgmmas ptxas serializes (its info C7515: a wait after every MMA; PERF.md attempt 61
+found the prefill GEMM's loop so) and names them.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -58,6 +62,22 @@ def compile_one(kernel, types: dict, const: dict, num_warps: int = 4, num_stages
              if sig[n].startswith("*") or sig[n] == "i32"}
     return triton.compile(ASTSource(kernel, sig, consts, attrs), target=TARGET,
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def wgmma_serialized(k) -> str:
+    """ptxas's C7515 message for a compiled kernel whose wgmmas it serializes, else "". Triton's own ptxas call
+    keeps its info lines to itself, so the PTX goes through the bundled ptxas again with -v."""
+    ptx = k.asm["ptx"]
+    if "wgmma.mma_async" not in ptx:
+        return ""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    return next((ln.split("Potential Performance Loss: ")[-1] for ln in r.stderr.splitlines() if "C7515" in ln), "")
 
 
 def ptrs(names, dt, **override):
@@ -142,13 +162,15 @@ def gemm_variants():
             # M = 1024 on il4 (prefill of the real models: whole tiles) without load masks, as the launcher runs it
             yield (gemm_kernel, ptrs(base, "bf16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
                    dict(ENC=enc, B=128, HAS_BIAS=not silu, SILU=silu, SPLIT_K=1 if silu or m > 64 else 4,
-                        LAY=lay, INTERPRET=False, EVEN=m == 1024 and lay == 1, **c), nw, ns)
+                        LAY=lay, INTERPRET=False, EVEN=m == 1024 and lay == 1,
+                        NK=ops.gemm_nk(3584, c["BLOCK_K"], 1 if silu or m > 64 else 4), **c), nw, ns)
     for c in ops._gemm_candidates(64, 128):  # int8 and nf4 have only the canonical layout
         c = dict(c)
         nw, ns = c.pop("num_warps"), c.pop("num_stages")
         for enc in ("int8_sym", "nf4"):
             yield (gemm_kernel, ptrs(base, "fp16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
-                   dict(ENC=enc, B=128, HAS_BIAS=False, SILU=False, SPLIT_K=1, LAY=0, INTERPRET=False, **c), nw, ns)
+                   dict(ENC=enc, B=128, HAS_BIAS=False, SILU=False, SPLIT_K=1, LAY=0, INTERPRET=False,
+                        NK=ops.gemm_nk(3584, c["BLOCK_K"], 1), **c), nw, ns)
 
 
 def attention_variants():
@@ -200,16 +222,20 @@ def main() -> None:
     print(f"triton {triton.__version__}, target sm_90", flush=True)
     failed = 0
     for fam in a.only.split(","):
-        t, n, bad = time.perf_counter(), 0, []
+        t, n, bad, serial = time.perf_counter(), 0, [], []
         for kernel, types, const, nw, ns in FAMILIES[fam]():
             n += 1
             try:
-                compile_one(kernel, types, const, nw, ns)
+                why = wgmma_serialized(compile_one(kernel, types, const, nw, ns))
             except Exception as e:  # noqa: BLE001 (report every failing variant, then fail)
                 msg = str(e).strip().splitlines()
                 bad.append(f"  {kernel.fn.__name__} {const} warps={nw}: {msg[-1] if msg else type(e).__name__}")
-        print(f"{fam:10s} {n - len(bad):3d}/{n:<3d} compiled  {time.perf_counter() - t:6.1f} s", flush=True)
-        for line in bad:
+                continue
+            if why:
+                serial.append(f"  serialized wgmma: {kernel.fn.__name__} {const} warps={nw}: {why}")
+        print(f"{fam:10s} {n - len(bad):3d}/{n:<3d} compiled  {len(serial):3d} with serialized wgmma  "
+              f"{time.perf_counter() - t:6.1f} s", flush=True)
+        for line in bad + serial:
             print(line, flush=True)
         failed += len(bad)
     sys.exit(1 if failed else 0)

@@ -37,3 +37,31 @@ def test_kernels_compile_for_sm90(family):
             continue
         assert k.asm["cubin"], kernel.fn.__name__
     assert not failed, "\n".join(failed)
+
+
+def test_prefill_gemm_wgmmas_stay_in_flight():
+    """The M = 1024 GEMM's configs, as the launcher compiles them (il4, whole tiles, the K-tile count compiled
+    in: ops.gemm_nk), keep their wgmmas in flight: ptxas does not serialize them (its info C7515, a wait after
+    every MMA). With the count known only at run time it does (docs/PERF.md attempt 61), which shows the check
+    sees the message; if a later ptxas stops doing that, gemm_kernel's NK is no longer needed."""
+    import compile_check as cc
+
+    from qrun.kernels import ops
+    from qrun.kernels.gemm import gemm_kernel
+    types = cc.ptrs(("x_ptr", "w_ptr", "s_ptr", "z_ptr", "code_ptr", "bias_ptr", "y_ptr"), "bf16", w_ptr="*u8",
+                    s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32")
+    serial, first = [], None
+    for c in ops._gemm_candidates(1024, 128, "il4"):
+        c = dict(c)
+        nw, ns = c.pop("num_warps"), c.pop("num_stages")
+        const = dict(ENC="int4_asym", B=128, HAS_BIAS=False, SILU=True, SPLIT_K=1, LAY=1, INTERPRET=False,
+                     EVEN=True, NK=ops.gemm_nk(3584, c["BLOCK_K"], 1), **c)
+        assert const["NK"] == 3584 // c["BLOCK_K"]
+        first = first or (const, nw, ns)
+        why = cc.wgmma_serialized(cc.compile_one(gemm_kernel, types, const, nw, ns))
+        if why:
+            serial.append(f"{c}: {why}")
+    assert not serial, "\n".join(serial)
+    const, nw, ns = first  # a SWAP config: the dequantized weight is the wgmma's register operand
+    assert const["SWAP"]
+    assert "serialized" in cc.wgmma_serialized(cc.compile_one(gemm_kernel, types, dict(const, NK=0), nw, ns))
