@@ -10,13 +10,15 @@ The device runs triton 3.6; CI and this machine 3.9. To check against the device
 
 Prints one line per kernel family and the failures; exit status 1 when any variant fails to compile. It also
 counts the variants whose wgmmas ptxas serializes (its info C7515: a wait after every MMA; PERF.md attempt 61
-found the prefill GEMM's loop so) and names them.
+found the prefill GEMM's loop so) and names them, and fails a variant whose SASS writes the register operand of a
+wgmma still in flight (rs_wgmma_hazards).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,6 +66,14 @@ def compile_one(kernel, types: dict, const: dict, num_warps: int = 4, num_stages
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def wgmma_hazards(k) -> list[str]:
+    """rs_wgmma_hazards over the kernel's K loop (none when it has no wgmma with a register operand)."""
+    if "wgmma.mma_async" not in k.asm["ptx"]:
+        return []
+    import compile_report as cr
+    return rs_wgmma_hazards(k_loop(cr.report(k)[3]))
+
+
 def wgmma_serialized(k) -> str:
     """ptxas's C7515 message for a compiled kernel whose wgmmas it serializes, else "". Triton's own ptxas call
     keeps its info lines to itself, so the PTX goes through the bundled ptxas again with -v."""
@@ -78,6 +88,62 @@ def wgmma_serialized(k) -> str:
         r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
                            capture_output=True, text=True)
     return next((ln.split("Potential Performance Loss: ")[-1] for ln in r.stderr.splitlines() if "C7515" in ln), "")
+
+
+def k_loop(sass: str) -> list[str]:
+    """The instructions of the loop that holds the HGMMAs: from a backward branch's target to the branch."""
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+    ins = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", ln).split(";")[0].strip() for ln in lines]
+    addr = [int(re.search(r"/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    for i, s in enumerate(ins):
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", s)
+        if m and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
+            body = ins[addr.index(int(m.group(1), 16)):i + 1]
+            if any("HGMMA" in b for b in body):
+                return body
+    return []
+
+
+_NO_REG_DEST = ("ST", "RED", "BAR", "BRA", "EXIT", "DEPBAR", "WARPGROUP", "LDGSTS", "LDGDEPBAR", "NOP", "SYNCS",
+                "MEMBAR", "FENCE", "CCTL", "ERRBAR", "WARPSYNC", "HGMMA")
+
+
+def _dest_regs(ins: str) -> set[int]:
+    """General registers an instruction writes (its first operand), by the width its opcode names."""
+    ins = re.sub(r"^@!?U?P\w+\s+", "", ins)
+    op, _, args = ins.partition(" ")
+    m = re.match(r"\s*R(\d+)\b", args)
+    if not m or op.startswith(_NO_REG_DEST):
+        return set()
+    n = 4 if ".128" in op else 2 if (".64" in op or "WIDE" in op) else 1
+    if op.startswith("LDSM"):
+        n = int(op.rsplit(".", 1)[-1]) if op.rsplit(".", 1)[-1] in ("2", "4") else 1
+    return set(range(int(m.group(1)), int(m.group(1)) + n))
+
+
+def rs_wgmma_hazards(body: list[str]) -> list[str]:
+    """Writes to the register A operand of a wgmma still in flight, in a K loop's SASS (k_loop), followed around
+    the loop twice. PTX leaves it to the program to wait (wgmma.wait_group) before it touches those registers;
+    triton 3.6's pipeliner waits for all but the last N - 1 of N wgmmas a K step, so the next step's
+    dequantization may overwrite an in-flight operand (triton issue 9433, PERF.md attempt 61). An HGMMA's A is 4
+    registers (64 x 16 bf16 over a warpgroup); `WARPGROUP.DEPBAR.LE gsb0, N` leaves the newest N in flight."""
+    pending: list[tuple[int, set[int]]] = []
+    found = []
+    for rnd in range(2):
+        for i, ins in enumerate(body):
+            m = re.search(r"HGMMA\.\S+\s+R\d+,\s+R(\d+),", ins)
+            if m:
+                pending.append((i, set(range(int(m.group(1)), int(m.group(1)) + 4))))
+                continue
+            m = re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s+0x([0-9a-f]+)", ins)
+            if m:
+                keep = int(m.group(1), 16)
+                pending = pending[len(pending) - keep:] if keep else []
+                continue
+            hit = [j for j, regs in pending if regs & _dest_regs(ins)]
+            if hit and rnd == 1:
+                found.append(f"{i}: {ins}  (A operand of the HGMMA at {hit[0]})")
+    return found
 
 
 def ptrs(names, dt, **override):
@@ -226,13 +292,18 @@ def main() -> None:
         for kernel, types, const, nw, ns in FAMILIES[fam]():
             n += 1
             try:
-                why = wgmma_serialized(compile_one(kernel, types, const, nw, ns))
+                k = compile_one(kernel, types, const, nw, ns)
+                why = wgmma_serialized(k)
+                hz = wgmma_hazards(k)
             except Exception as e:  # noqa: BLE001 (report every failing variant, then fail)
                 msg = str(e).strip().splitlines()
                 bad.append(f"  {kernel.fn.__name__} {const} warps={nw}: {msg[-1] if msg else type(e).__name__}")
                 continue
             if why:
                 serial.append(f"  serialized wgmma: {kernel.fn.__name__} {const} warps={nw}: {why}")
+            if hz:  # a correctness failure, not a performance note
+                bad.append(f"  {kernel.fn.__name__} {const} warps={nw}: {len(hz)} writes to an in-flight wgmma "
+                           f"operand, first {hz[0]}")
         print(f"{fam:10s} {n - len(bad):3d}/{n:<3d} compiled  {len(serial):3d} with serialized wgmma  "
               f"{time.perf_counter() - t:6.1f} s", flush=True)
         for line in bad + serial:

@@ -25,20 +25,6 @@ from qrun.kernels.gemm import gemm_kernel  # noqa: E402
 from qrun.kernels.layout import LAYOUTS  # noqa: E402
 
 
-def k_loop(sass: str) -> list[str]:
-    """The instructions of the loop that holds the HGMMAs: from a backward branch's target to the branch."""
-    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
-    ins = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", ln).split(";")[0].strip() for ln in lines]
-    addr = [int(re.search(r"/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
-    for i, s in enumerate(ins):
-        m = re.search(r"BRA\s+0x([0-9a-f]+)", s)
-        if m and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
-            body = ins[addr.index(int(m.group(1), 16)):i + 1]
-            if any("HGMMA" in b for b in body):
-                return body
-    return []
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tile", default="128,256,64", help="BLOCK_N,BLOCK_M,BLOCK_K")
@@ -57,7 +43,7 @@ def main() -> None:
         k = cc.compile_one(gemm_kernel, cc.ptrs(base, "bf16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8",
                                                 code_ptr="*fp32"), const, a.warps, a.stages)
         regs, _, _, sass = cr.report(k)
-        body = k_loop(sass)
+        body = cc.k_loop(sass)
         ops = [re.sub(r"^@!?U?P\w+\s+", "", b).split()[0] for b in body]
         hist = collections.Counter(o.split(".")[0] for o in ops)
         smem = collections.Counter(o for o in ops if o.startswith(("STS", "LDS", "BAR")))

@@ -42,8 +42,10 @@ def test_kernels_compile_for_sm90(family):
 def test_prefill_gemm_wgmmas_stay_in_flight():
     """The M = 1024 GEMM's configs, as the launcher compiles them (il4, whole tiles, the K-tile count compiled
     in: ops.gemm_nk), keep their wgmmas in flight: ptxas does not serialize them (its info C7515, a wait after
-    every MMA). With the count known only at run time it does (docs/PERF.md attempt 61), which shows the check
-    sees the message; if a later ptxas stops doing that, gemm_kernel's NK is no longer needed."""
+    every MMA), and no instruction of the K loop's SASS writes the register operand of a wgmma still in flight
+    (compile_check.rs_wgmma_hazards; the race of triton issue 9433, gemm.py's _wgmma_operand). With the count
+    known only at run time ptxas serializes them (docs/PERF.md attempt 61), which shows the check sees the
+    message; if a later ptxas stops doing that, gemm_kernel's NK is no longer needed."""
     import compile_check as cc
 
     from qrun.kernels import ops
@@ -58,10 +60,25 @@ def test_prefill_gemm_wgmmas_stay_in_flight():
                      EVEN=True, NK=ops.gemm_nk(3584, c["BLOCK_K"], 1), **c)
         assert const["NK"] == 3584 // c["BLOCK_K"]
         first = first or (const, nw, ns)
-        why = cc.wgmma_serialized(cc.compile_one(gemm_kernel, types, const, nw, ns))
+        k = cc.compile_one(gemm_kernel, types, const, nw, ns)
+        why = cc.wgmma_serialized(k)
         if why:
             serial.append(f"{c}: {why}")
+        hz = cc.wgmma_hazards(k)  # the wgmmas in flight must not have their register operand overwritten
+        if hz:
+            serial.append(f"{c}: {len(hz)} writes to an in-flight wgmma operand, first {hz[0]}")
     assert not serial, "\n".join(serial)
     const, nw, ns = first  # a SWAP config: the dequantized weight is the wgmma's register operand
     assert const["SWAP"]
     assert "serialized" in cc.wgmma_serialized(cc.compile_one(gemm_kernel, types, dict(const, NK=0), nw, ns))
+
+
+def test_wgmma_hazard_check_sees_an_overwritten_operand():
+    """rs_wgmma_hazards on hand-written SASS: a write to the A registers (R100-R103) of an HGMMA still in flight
+    is found, also one that comes around the loop's back edge; after a wait that retires it, it is not."""
+    import compile_check as cc
+    hg = "HGMMA.64x128x16.F32.BF16 R24, R100, gdesc[UR12], R24, gsb0"
+    assert cc.rs_wgmma_hazards([hg, "WARPGROUP.DEPBAR.LE gsb0, 0x1", "LOP3.LUT R101, R1, 0xf, RZ, 0xc0, !PT"])
+    assert cc.rs_wgmma_hazards(["LDS.128 R100, [R8+0x100]", hg, "WARPGROUP.DEPBAR.LE gsb0, 0x1", "BRA 0x10"])
+    assert not cc.rs_wgmma_hazards([hg, "WARPGROUP.DEPBAR.LE gsb0, 0x0", "LDS.128 R100, [R8+0x100]"])
+    assert not cc.rs_wgmma_hazards([hg, "WARPGROUP.DEPBAR.LE gsb0, 0x1", "FADD R104, R1, R2", "STS [R100], R3"])

@@ -40,10 +40,10 @@ def _poison(shape, dtype):
     torch.full(shape, float("nan"), dtype=dtype, device=DEV)  # freed at once, reused for the output
 
 
-def _check(y, ref, tol=1e-2):
-    assert torch.isfinite(y).all(), "NaN/Inf in the output (unwritten element?)"
+def _check(y, ref, tol=1e-2, what=""):
+    assert torch.isfinite(y).all(), f"NaN/Inf in the output (unwritten element?) {what}"
     err = ((y.double() - ref).norm() / ref.norm()).item()
-    assert err <= tol, err
+    assert err <= tol, f"{err} {what}"
 
 
 def _ref(x, parts, n, k, enc, b, bias=None):
@@ -336,6 +336,7 @@ def test_prefill_gemm_every_config(layout, monkeypatch):
     lp = to_layout(layout, *parts)
     monkeypatch.setattr(ops, "GEMM_EVEN", True)  # the default, set here so that QRUN_GEMM_EVEN=0 cannot skip it
     orig = ops._gemm_candidates
+    bad = []  # every wrong config, not only the first
     try:
         for cfg in orig(m, 128, layout):
             ops._tuned.clear()
@@ -343,10 +344,14 @@ def test_prefill_gemm_every_config(layout, monkeypatch):
             for _ in range(2):
                 _poison((m, n), torch.bfloat16)
                 y = quant_linear(x, *lp, None, encoding="int4_asym", block_size=128, in_features=k, layout=layout)
-                _check(y, ref, tol=4e-3)
+                try:
+                    _check(y, ref, tol=4e-3, what=f"{cfg} NK={ops.LAST['gemm_nk']}")
+                except AssertionError as e:
+                    bad.append(str(e))
                 assert ops.LAST["gemm_even"]  # whole tiles: the kernel ran without load masks
     finally:
         ops._gemm_candidates = orig
+    assert not bad, "\n".join(bad)
 
 
 def test_tc16_short_k_tail():

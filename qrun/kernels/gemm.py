@@ -68,6 +68,18 @@ def _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB: 
 
 
 @triton.jit
+def _wgmma_operand(w):
+    """w (the K step's dequantized weight tile, wgmma's register A operand) copied after a
+    `wgmma.wait_group 0`: the registers a wgmma reads are written only once every wgmma issued before has
+    finished. Why: triton 3.6's pipeliner keeps all but the last of a K step's wgmmas waited for (pendings =
+    N - 1), so the next step's dequantization may overwrite the A operand of a wgmma still in flight (triton
+    issue 9433; wrong rows now and then on the H100, PERF.md attempt 61). Only the copy waits: the
+    dequantization itself (shared-memory reads, nibble arithmetic) still overlaps the previous step's MMAs."""
+    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; mov.b32 $0, $1;", "=r,r", [w],
+                                     dtype=w.dtype, is_pure=False, pack=2)
+
+
+@triton.jit
 def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask, offs_m, mmask, K, KP, stride_xm,
                stride_wn, stride_sn, stride_zn,
                ENC: tl.constexpr, B: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -146,6 +158,8 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
             w = w.to(tl.float32)
             xt = xt.to(tl.float32)
         if SWAP:
+            if not INTERPRET:
+                w = _wgmma_operand(w)
             acc = tl.dot(w, xt, acc, input_precision="ieee" if INTERPRET else None)           # (BN, BM)
         else:
             acc = tl.dot(tl.trans(xt), tl.trans(w), acc, input_precision="ieee" if INTERPRET else None)
