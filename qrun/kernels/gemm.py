@@ -68,15 +68,17 @@ def _il4_tile(w_ptr, row0, row_lim, kb0, stride_wn, BLOCK_N: tl.constexpr, BKB: 
 
 
 @triton.jit
-def _wgmma_operand(w):
-    """w (the K step's dequantized weight tile, wgmma's register A operand) copied after a
-    `wgmma.wait_group 0`: the registers a wgmma reads are written only once every wgmma issued before has
-    finished. Why: triton 3.6's pipeliner keeps all but the last of a K step's wgmmas waited for (pendings =
-    N - 1), so the next step's dequantization may overwrite the A operand of a wgmma still in flight (triton
-    issue 9433; wrong rows now and then on the H100, PERF.md attempt 61). Only the copy waits: the
-    dequantization itself (shared-memory reads, nibble arithmetic) still overlaps the previous step's MMAs."""
-    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; mov.b32 $0, $1;", "=r,r", [w],
-                                     dtype=w.dtype, is_pure=False, pack=2)
+def _wgmma_done(acc):
+    """acc (float32, the wgmma accumulator) once every wgmma issued before has finished: an inline-asm copy (4
+    registers a call; ptxas drops the moves), which triton may only give the accumulator after a
+    `wgmma.wait_group 0`. Why: triton 3.6's pipeliner splits a K step's tl.dot into one wgmma per 16 k and
+    waits for all but the last before the next step, so the next step's dequantization overwrote the register
+    A operand of a wgmma still in flight (triton issue 9433; wrong rows now and then on the H100, PERF.md
+    attempt 61). With a use of the accumulator after each K step's dot, that dot is waited for as a whole: the
+    step's wgmmas still run back to back, and the next step's operand is written only after them."""
+    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; mov.b32 $0, $4; mov.b32 $1, $5; "
+                                     "mov.b32 $2, $6; mov.b32 $3, $7;", "=r,=r,=r,=r,r,r,r,r", [acc],
+                                     dtype=tl.float32, is_pure=False, pack=4)
 
 
 @triton.jit
@@ -158,9 +160,9 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
             w = w.to(tl.float32)
             xt = xt.to(tl.float32)
         if SWAP:
-            if not INTERPRET:
-                w = _wgmma_operand(w)
             acc = tl.dot(w, xt, acc, input_precision="ieee" if INTERPRET else None)           # (BN, BM)
+            if not INTERPRET:
+                acc = _wgmma_done(acc)
         else:
             acc = tl.dot(tl.trans(xt), tl.trans(w), acc, input_precision="ieee" if INTERPRET else None)
     if not SWAP:
