@@ -9,9 +9,9 @@ The device runs triton 3.6; CI and this machine 3.9. To check against the device
     PYTHONPATH=/tmp/t36 python3 benchmarks/compile_check.py [--only tc16,rope_attention]
 
 Prints one line per kernel family and the failures; exit status 1 when any variant fails to compile. It also
-counts the variants whose wgmmas ptxas serializes (its info C7515: a wait after every MMA; PERF.md attempt 61
-found the prefill GEMM's loop so) and names them, and fails a variant whose SASS writes the register operand of a
-wgmma still in flight (rs_wgmma_hazards).
+counts the variants whose wgmmas ptxas serializes (its info C7515: a wait after every MMA) and names them, and
+fails a variant whose SASS writes the register operand of a wgmma still in flight (rs_wgmma_hazards; PERF.md
+attempt 61).
 """
 from __future__ import annotations
 
@@ -228,15 +228,13 @@ def gemm_variants():
             # M = 1024 on il4 (prefill of the real models: whole tiles) without load masks, as the launcher runs it
             yield (gemm_kernel, ptrs(base, "bf16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
                    dict(ENC=enc, B=128, HAS_BIAS=not silu, SILU=silu, SPLIT_K=1 if silu or m > 64 else 4,
-                        LAY=lay, INTERPRET=False, EVEN=m == 1024 and lay == 1,
-                        NK=ops.gemm_nk(3584, c["BLOCK_K"], 1 if silu or m > 64 else 4), **c), nw, ns)
+                        LAY=lay, INTERPRET=False, EVEN=m == 1024 and lay == 1, **c), nw, ns)
     for c in ops._gemm_candidates(64, 128):  # int8 and nf4 have only the canonical layout
         c = dict(c)
         nw, ns = c.pop("num_warps"), c.pop("num_stages")
         for enc in ("int8_sym", "nf4"):
             yield (gemm_kernel, ptrs(base, "fp16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
-                   dict(ENC=enc, B=128, HAS_BIAS=False, SILU=False, SPLIT_K=1, LAY=0, INTERPRET=False,
-                        NK=ops.gemm_nk(3584, c["BLOCK_K"], 1), **c), nw, ns)
+                   dict(ENC=enc, B=128, HAS_BIAS=False, SILU=False, SPLIT_K=1, LAY=0, INTERPRET=False, **c), nw, ns)
 
 
 def attention_variants():

@@ -1,7 +1,6 @@
-"""Every M > 64 GEMM config on one shape, its error against a float64 reference, with the K-tile count compiled in
-(ops.GEMM_STATIC_K, gemm_kernel's NK) and without: which configs are right on the GPU, one line each. A
-diagnosis tool (device tool, carry [".whl"]); tests/test_kernels_gpu.py::test_prefill_gemm_every_config is the
-test.
+"""Every GEMM config the launcher offers at one M, its error against a float64 reference over several runs:
+which configs are right on the GPU, one line each. A diagnosis tool for races (device tool, carry [".whl"]);
+tests/test_kernels_gpu.py::test_prefill_gemm_every_config is the test.
 
     python3 benchmarks/gemm_check.py [--m 1024] [--k 3584] [--n 3584] [--silu] [--layout il4] [--enc int4_asym]
 """
@@ -44,20 +43,18 @@ def main() -> None:
         ref = torch.nn.functional.silu(g) * u
     orig = ops._gemm_candidates
     for cfg in orig(a.m, 128, a.layout):
-        for static in (True, False):
-            ops.GEMM_STATIC_K = static
-            ops._tuned.clear()
-            ops._gemm_candidates = lambda *_, c=cfg, **__: [c]
-            errs = []
-            for _ in range(a.repeats):
-                if a.silu:
-                    y = quant_linear_silu_mul(x, *lp, encoding=a.enc, block_size=128, in_features=a.k,
-                                              layout=a.layout)
-                else:
-                    y = quant_linear(x, *lp, None, encoding=a.enc, block_size=128, in_features=a.k, layout=a.layout)
-                torch.cuda.synchronize()
-                errs.append(((y.double() - ref).norm() / ref.norm()).item())
-            print(f"{cfg}  NK={ops.LAST.get('gemm_nk')}  rel err " + " ".join(f"{e:.2e}" for e in errs), flush=True)
+        ops._tuned.clear()
+        ops._gemm_candidates = lambda *_, c=cfg, **__: [c]
+        errs = []
+        for _ in range(a.repeats):
+            if a.silu:
+                y = quant_linear_silu_mul(x, *lp, encoding=a.enc, block_size=128, in_features=a.k, layout=a.layout)
+            else:
+                y = quant_linear(x, *lp, None, encoding=a.enc, block_size=128, in_features=a.k, layout=a.layout)
+            torch.cuda.synchronize()
+            errs.append(((y.double() - ref).norm() / ref.norm()).item())
+        print(f"{cfg}  split {ops.LAST.get('gemm_split')}  rel err " + " ".join(f"{e:.2e}" for e in errs),
+              flush=True)
     ops._gemm_candidates = orig
 
 

@@ -75,7 +75,10 @@ def _wgmma_done(acc):
     waits for all but the last before the next step, so the next step's dequantization overwrote the register
     A operand of a wgmma still in flight (triton issue 9433; wrong rows now and then on the H100, PERF.md
     attempt 61). With a use of the accumulator after each K step's dot, that dot is waited for as a whole: the
-    step's wgmmas still run back to back, and the next step's operand is written only after them."""
+    step's wgmmas still run back to back, and the next step's operand is written only after them. ptxas
+    serializes some variants' wgmmas by itself (C7515), which hid the race there, but not all: the offline SASS
+    of the split-K loop, of bias and gate+up variants and of small-M tiles wrote operands in flight
+    (benchmarks/compile_check.py finds them)."""
     return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; mov.b32 $0, $4; mov.b32 $1, $5; "
                                      "mov.b32 $2, $6; mov.b32 $3, $7;", "=r,=r,=r,=r,r,r,r,r", [acc],
                                      dtype=tl.float32, is_pure=False, pack=4)
@@ -86,7 +89,7 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
                stride_wn, stride_sn, stride_zn,
                ENC: tl.constexpr, B: tl.constexpr, SPLIT_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-               LAY: tl.constexpr, INTERPRET: tl.constexpr, EVEN: tl.constexpr = False, NK: tl.constexpr = 0):
+               LAY: tl.constexpr, INTERPRET: tl.constexpr, EVEN: tl.constexpr = False):
     """float32 (BLOCK_N, BLOCK_M) = W[rows] @ x[offs_m]^T over this program's share of K."""
     BKB: tl.constexpr = BLOCK_K if ENC == "int8_sym" else BLOCK_K // 2  # packed bytes per K tile
     offs_kb = tl.arange(0, BKB)
@@ -106,13 +109,7 @@ def _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, row_lim, rmask,
         wrow = rows * stride_wn
         srow = rows * stride_sn
         zrow = rows * stride_zn
-    if NK > 0:  # the trip count known when compiled (SPLIT_K == 1): see gemm_kernel's docstring
-        kt_lo = 0
-        kt_hi = NK
-    else:
-        kt_lo = tl.program_id(2)
-        kt_hi = tl.cdiv(KP, BLOCK_K)
-    for kt in range(kt_lo, kt_hi, SPLIT_K):
+    for kt in range(tl.program_id(2), tl.cdiv(KP, BLOCK_K), SPLIT_K):
         k0 = kt * BLOCK_K
         # KP is a multiple of B, and B of BLOCK_K: no mask along K for the weight.
         kb0 = k0 // (BLOCK_K // BKB)                                            # first byte column
@@ -180,14 +177,9 @@ def gemm_kernel(
     # meta
     ENC: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = True,
-    LAY: tl.constexpr = 0, INTERPRET: tl.constexpr = False, EVEN: tl.constexpr = False, NK: tl.constexpr = 0,
+    LAY: tl.constexpr = 0, INTERPRET: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):
-    """EVEN: M, N_OUT and K are whole multiples of the tiles (K = KP), so no load needs a mask.
-    NK > 0: the number of K tiles, KP // BLOCK_K, given when compiled (SPLIT_K == 1 only). Why: with a runtime
-    trip count the loop has a path that skips it, where the accumulator is set to zero by plain moves before the
-    final wgmma wait; ptxas then serializes every wgmma of the loop (ptxas info C7515, "non wgmma instructions
-    defining accumulator registers"): a wait for each 64 x N x 16 MMA before the next tile's dequantization.
-    With the count fixed there is no such path and the MMAs stay in flight (up to 3, as the pipeliner asks)."""
+    """EVEN: M, N_OUT and K are whole multiples of the tiles (K = KP), so no load needs a mask."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N_OUT
@@ -195,12 +187,12 @@ def gemm_kernel(
     row0 = tl.program_id(0) * BLOCK_N
     acc = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows, row0, N_OUT, rmask, offs_m, mmask, K, KP, stride_xm,
                      stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K, SWAP, LAY,
-                     INTERPRET, EVEN, NK)
+                     INTERPRET, EVEN)
     if SILU:  # the launcher never combines SILU with SPLIT_K > 1 (silu is not additive)
         up = _gemm_rows(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, rows + N_OUT, row0 + N_OUT, 2 * N_OUT, rmask, offs_m,
                         mmask, K, KP,
                         stride_xm, stride_wn, stride_sn, stride_zn, ENC, B, SPLIT_K, BLOCK_N, BLOCK_M,
-                        BLOCK_K, SWAP, LAY, INTERPRET, EVEN, NK)
+                        BLOCK_K, SWAP, LAY, INTERPRET, EVEN)
         acc = acc / (1.0 + tl.exp(-acc)) * up
     if HAS_BIAS:
         if tl.program_id(2) == 0:

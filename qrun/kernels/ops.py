@@ -43,8 +43,6 @@ PDL_MAX_K = int(os.environ.get("QRUN_PDL_MAX_K", 8192))  # the il4 GEMV is launc
 # call 2 (docs/PERF.md attempt 48): every M = 1024 config right on it, and 7B gate+up 687 -> 641 us, the other
 # shapes the same or up to 4% faster. 0 keeps the masks (A/B timing).
 GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
-# The GEMM's K-tile count compiled in (gemm_kernel's NK): one compile per K, and wgmmas that stay in flight.
-GEMM_STATIC_K = os.environ.get("QRUN_GEMM_STATIC_K", "1") == "1"
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -574,11 +572,10 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         if out is None:
             out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device) if split > 1 else y
         grid = (triton_cdiv(n_out, c["BLOCK_N"]), triton_cdiv(m, c["BLOCK_M"]), split)
-        nk = LAST["gemm_nk"] = gemm_nk(kp, c["BLOCK_K"], split)
         LAST["gemm"] = gemm_kernel[grid](x2, qweight, scales, z, code, b, out, m, n_out, k, kp, x2.stride(0),
                           qweight.stride(0), scales.stride(0), z.stride(0), out.stride(0),
                           ENC=encoding, B=block_size, HAS_BIAS=bias is not None, SILU=silu, SPLIT_K=split,
-                          LAY=LAYOUTS.index(layout), INTERPRET=INTERPRET, EVEN=even(c), NK=nk, **c)
+                          LAY=LAYOUTS.index(layout), INTERPRET=INTERPRET, EVEN=even(c), **c)
         return out
 
     cfg = LAST["gemm_cfg"] = _pick((dev, "gemm", mb) + common, cands, launch)
@@ -588,12 +585,6 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     if out is not y:
         y.copy_(out)
     return y.reshape(*lead, n_out)
-
-
-def gemm_nk(kp: int, block_k: int, split: int) -> int:
-    """gemm_kernel's NK: the number of K tiles, compiled in when one program walks all of K (gemm.py says why),
-    else 0 (the count at run time)."""
-    return kp // block_k if split == 1 and GEMM_STATIC_K else 0
 
 
 def triton_cdiv(a: int, b: int) -> int:
