@@ -124,8 +124,9 @@ def _dest_regs(ins: str) -> set[int]:
 def rs_wgmma_hazards(body: list[str]) -> list[str]:
     """Writes to the register A operand of a wgmma still in flight, in a K loop's SASS (k_loop), followed around
     the loop twice. PTX leaves it to the program to wait (wgmma.wait_group) before it touches those registers;
-    triton 3.6's pipeliner waits for all but the last N - 1 of N wgmmas a K step, so the next step's
-    dequantization may overwrite an in-flight operand (triton issue 9433, PERF.md attempt 61). An HGMMA's A is 4
+    triton 3.6's pipeliner leaves up to N - 1 of a K step's N wgmmas in flight (only the oldest is waited
+    for), so the next step's dequantization may overwrite an in-flight operand (triton issue 9433, PERF.md
+    attempt 61). An HGMMA's A is 4
     registers (64 x 16 bf16 over a warpgroup); `WARPGROUP.DEPBAR.LE gsb0, N` leaves the newest N in flight."""
     pending: list[tuple[int, set[int]]] = []
     found = []
