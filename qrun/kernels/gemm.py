@@ -74,8 +74,8 @@ def _wgmma_done(acc):
     `wgmma.wait_group 0`. Why: triton 3.6's pipeliner splits a K step's tl.dot into one wgmma per 16 k and
     leaves up to N - 1 of the N in flight (only the oldest is waited for), so the next step's dequantization
     overwrote the register A operand of a wgmma still in flight (triton issue 9433; wrong rows now and then on
-    the H100, PERF.md attempt 61). With a use of the accumulator after each K step's dot, that dot is waited for as a whole: the
-    step's wgmmas still run back to back, and the next step's operand is written only after them. ptxas
+    the H100, PERF.md attempt 61). With a use of the accumulator after each K step's dot, that dot is waited
+    for as a whole: the step's wgmmas still run back to back, and the next step's operand is written only after them. ptxas
     serializes some variants' wgmmas by itself (C7515), which hid the race there, but not all: the offline SASS
     of the split-K loop, of bias and gate+up variants and of small-M tiles wrote operands in flight
     (benchmarks/compile_check.py finds them)."""
