@@ -75,10 +75,10 @@ def _wgmma_done(acc):
     leaves up to N - 1 of the N in flight (only the oldest is waited for), so the next step's dequantization
     overwrote the register A operand of a wgmma still in flight (triton issue 9433; wrong rows now and then on
     the H100, PERF.md attempt 61). With a use of the accumulator after each K step's dot, that dot is waited
-    for as a whole: the step's wgmmas still run back to back, and the next step's operand is written only after them. ptxas
-    serializes some variants' wgmmas by itself (C7515), which hid the race there, but not all: the offline SASS
-    of the split-K loop, of bias and gate+up variants and of small-M tiles wrote operands in flight
-    (benchmarks/compile_check.py finds them)."""
+    for as a whole: the step's wgmmas still run back to back, and the next step's operand is written only
+    after them. ptxas serializes some variants' wgmmas by itself (C7515), which hid the race there, but not
+    all: the offline SASS of the split-K loop, of bias and gate+up variants and of small-M tiles wrote operands
+    in flight (benchmarks/compile_check.py finds them)."""
     return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; mov.b32 $0, $4; mov.b32 $1, $5; "
                                      "mov.b32 $2, $6; mov.b32 $3, $7;", "=r,=r,=r,=r,r,r,r,r", [acc],
                                      dtype=tl.float32, is_pure=False, pack=4)
