@@ -62,7 +62,10 @@ def compile_one(kernel, types: dict, const: dict, num_warps: int = 4, num_stages
     # shapes: triton specializes both at launch, and vector widths (hence what the pipeliner takes) follow
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
              if sig[n].startswith("*") or sig[n] == "i32"}
-    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=TARGET,
+    src = ASTSource
+    if getattr(kernel, "is_gluon", lambda: False)():  # a Gluon kernel (gemm_wg.py)
+        from triton.experimental.gluon._runtime import GluonASTSource as src
+    return triton.compile(src(kernel, sig, consts, attrs), target=TARGET,
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
@@ -126,22 +129,26 @@ def rs_wgmma_hazards(body: list[str]) -> list[str]:
     the loop twice. PTX leaves it to the program to wait (wgmma.wait_group) before it touches those registers;
     triton 3.6's pipeliner leaves up to N - 1 of a K step's N wgmmas in flight (only the oldest is waited
     for), so the next step's dequantization may overwrite an in-flight operand (triton issue 9433, PERF.md
-    attempt 61). An HGMMA's A is 4
-    registers (64 x 16 bf16 over a warpgroup); `WARPGROUP.DEPBAR.LE gsb0, N` leaves the newest N in flight."""
-    pending: list[tuple[int, set[int]]] = []
+    attempt 61). An HGMMA's A is 4 registers (64 x 16 bf16 over a warpgroup). HGMMAs form commit groups, each
+    closed by the one marked `gsb0`; `WARPGROUP.DEPBAR.LE gsb0, N` leaves the newest N groups in flight."""
+    groups: list[list[tuple[int, set[int]]]] = []  # in flight, oldest first; the last may still be open
+    open_group = False
     found = []
     for rnd in range(2):
         for i, ins in enumerate(body):
             m = re.search(r"HGMMA\.\S+\s+R\d+,\s+R(\d+),", ins)
             if m:
-                pending.append((i, set(range(int(m.group(1)), int(m.group(1)) + 4))))
+                if not open_group:
+                    groups.append([])
+                groups[-1].append((i, set(range(int(m.group(1)), int(m.group(1)) + 4))))
+                open_group = not re.search(r"\bgsb0\s*$", ins)
                 continue
             m = re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s+0x([0-9a-f]+)", ins)
             if m:
                 keep = int(m.group(1), 16)
-                pending = pending[len(pending) - keep:] if keep else []
+                groups = groups[len(groups) - keep:] if keep else []
                 continue
-            hit = [j for j, regs in pending if regs & _dest_regs(ins)]
+            hit = [j for g in groups for j, regs in g if regs & _dest_regs(ins)]
             if hit and rnd == 1:
                 found.append(f"{i}: {ins}  (A operand of the HGMMA at {hit[0]})")
     return found
@@ -224,6 +231,8 @@ def gemm_variants():
     for m, lay, (enc, silu) in itertools.product((3, 64, 1024), (0, 1, 2), (("int4_sym", False),
                                                                            ("int4_asym", True))):
         for c in ops._gemm_candidates(m, 128):
+            if c.get("WG"):  # the Gluon GEMM: family gemm_wg
+                continue
             c = dict(c)
             nw, ns = c.pop("num_warps"), c.pop("num_stages")
             # M = 1024 on il4 (prefill of the real models: whole tiles) without load masks, as the launcher runs it
@@ -236,6 +245,23 @@ def gemm_variants():
         for enc in ("int8_sym", "nf4"):
             yield (gemm_kernel, ptrs(base, "fp16", w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8", code_ptr="*fp32"),
                    dict(ENC=enc, B=128, HAS_BIAS=False, SILU=False, SPLIT_K=1, LAY=0, INTERPRET=False, **c), nw, ns)
+
+
+def gemm_wg_variants():
+    """The Gluon GEMM (gemm_wg.py) in every config the launcher offers, sym and asym, with a bias (Qwen2's qkv)
+    and as gate+up, with and without masks, bf16 and fp16."""
+    from qrun.kernels.gemm_wg import gemm_il4_wg_kernel
+    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr")
+    for c in ops._gemm_candidates(1024, 128, "il4"):
+        if not c.get("WG"):
+            continue
+        for asym, silu, even, dt in ((False, False, True, "bf16"), (True, False, False, "bf16"),
+                                     (False, True, True, "bf16"), (True, True, False, "fp16")):
+            if silu and c["BLOCK_M"] > 128:  # the launcher's rule: two accumulators of 128 registers do not fit
+                continue
+            yield (gemm_il4_wg_kernel, ptrs(base, dt, w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8"),
+                   dict(B=128, ASYM=asym, HAS_BIAS=not silu, SILU=silu, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"],
+                        STAGES=c["num_stages"], EVEN=even, num_warps=c["num_warps"]), c["num_warps"], 1)
 
 
 def attention_variants():
@@ -277,7 +303,7 @@ def step_variants():
 
 
 FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "il4_rope": il4_rope_variants, "gemv4": gemv4_variants, "gemv": gemv_variants,
-            "gemm": gemm_variants, "attention": attention_variants, "step": step_variants}
+            "gemm": gemm_variants, "gemm_wg": gemm_wg_variants, "attention": attention_variants, "step": step_variants}
 
 
 def main() -> None:

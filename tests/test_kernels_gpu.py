@@ -319,6 +319,51 @@ def test_tc16_gate_up_gemm_7b_repeated():
         ops._gemm_candidates = orig
 
 
+@pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
+@pytest.mark.parametrize("m,k,n,silu,bias,dt,b", [
+    (1024, 3584, 3584, False, False, torch.bfloat16, 128),  # Qwen2.5-7B o at prefill: whole tiles (EVEN)
+    (300, 896, 1152, False, True, torch.bfloat16, 64),      # Qwen2-0.5B qkv with its bias; M not whole tiles
+    (200, 896, 2 * 4864, True, False, torch.bfloat16, 128),  # 0.5B gate+up, SILU epilogue
+    (130, 4864, 200, False, False, torch.float16, 256),     # N not whole tiles, fp16, blocks of 256
+])
+def test_gluon_gemm_every_config(enc, m, k, n, silu, bias, dt, b):
+    # The Gluon GEMM (gemm_wg.py: both operands through shared memory, explicit wgmma waits) in every config
+    # the launcher offers, twice each, against float64; poisoned output, so an unwritten tile fails.
+    import qrun.kernels.ops as ops
+    from qrun.kernels.layout import interleave4
+    torch.manual_seed(m + n)
+    parts = _weight(n, k, enc, b)
+    x = torch.randn(m, k, device=DEV, dtype=dt)
+    bvec = torch.randn(n, device=DEV, dtype=dt) if bias else None
+    ref = _ref(x, parts, n, k, enc, b, bvec)
+    if silu:
+        g, u = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(g) * u
+    il = interleave4(*parts)
+    cfgs = [c for c in ops._gemm_candidates(m, b, "il4") if c.get("WG") and not (silu and c["BLOCK_M"] > 128)]
+    assert cfgs, "no Gluon GEMM config offered"
+    orig = ops._gemm_candidates
+    bad = []
+    try:
+        for cfg in cfgs:
+            ops._tuned.clear()
+            ops._gemm_candidates = lambda *a, c=cfg, **kw: [c]
+            for _ in range(2):
+                _poison((m, n // 2 if silu else n), dt)
+                if silu:
+                    y = quant_linear_silu_mul(x, *il, encoding=enc, block_size=b, in_features=k, layout="il4")
+                else:
+                    y = quant_linear(x, *il, bvec, encoding=enc, block_size=b, in_features=k, layout="il4")
+                assert ops.LAST["gemm_cfg"].get("WG"), "the launcher did not take the Gluon GEMM"
+                try:
+                    _check(y, ref, tol=4e-3, what=str(cfg))
+                except AssertionError as e:
+                    bad.append(str(e))
+    finally:
+        ops._gemm_candidates = orig
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.parametrize("layout", ["il4", "tc16"])
 def test_prefill_gemm_every_config(layout, monkeypatch):
     # M = 1024 (prefill), Qwen2.5-7B's o shape (whole tiles: the GEMM's EVEN path, no load masks), each GEMM

@@ -18,6 +18,10 @@ import torch
 from qrun.quant import NF4_CODE
 
 from .gemm import gemm_kernel
+try:  # Gluon (triton >= 3.5); the launcher falls back to gemm_kernel without it
+    from .gemm_wg import gemm_il4_wg_kernel
+except ImportError:  # pragma: no cover - depends on the installed triton
+    gemm_il4_wg_kernel = None
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
@@ -43,6 +47,9 @@ PDL_MAX_K = int(os.environ.get("QRUN_PDL_MAX_K", 8192))  # the il4 GEMV is launc
 # call 2 (docs/PERF.md attempt 48): every M = 1024 config right on it, and 7B gate+up 687 -> 641 us, the other
 # shapes the same or up to 4% faster. 0 keeps the masks (A/B timing).
 GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
+# 1 (default): the Gluon GEMM (gemm_wg.py: il4 int4, M > 64, sm_90) joins the configs timed for the GEMM. 0 leaves
+# it out (A/B timing).
+GEMM_WG = os.environ.get("QRUN_GEMM_WG", "1") == "1"
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -380,6 +387,14 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
         cands = [c + (True,) for c in cands] + [(128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
                                                 (256, 128, 64, 8, 3, False), (128, 128, 128, 8, 3, False)]
     out = []
+    if m > 64 and layout == "il4" and GEMM_WG and not INTERPRET:
+        # the Gluon GEMM (gemm_wg.py), first: (BLOCK_N, BLOCK_M, warps, x buffers). The launcher drops these
+        # where the kernel does not apply (_wg_applies), and BLOCK_M = 256 for gate+up (two accumulators of 128
+        # registers would not fit).
+        for bn, bm, warps, stages in ((128, 256, 8, 4), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 4, 4),
+                                      (128, 64, 8, 4)):
+            out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=warps, num_stages=stages,
+                            WG=True))
     for bn, bm, bk, warps, stages, *swap in cands:
         bk = min(bk, block_size)  # one scale per row per K tile
         c = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SWAP=swap[0] if swap else True, num_warps=warps,
@@ -549,8 +564,10 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         return y.reshape(*lead, n_out)
 
     mb = triton_next_pow2(m)
-    cands = _gemm_candidates(m, block_size, layout)
     kp = nb * block_size
+    wg = _wg_applies(x, encoding, block_size, k, kp, n_out, layout)
+    cands = [c for c in _gemm_candidates(m, block_size, layout)
+             if not c.get("WG") or (wg and not (silu and c["BLOCK_M"] > 128))]
 
     def split_of(c):
         # Split K only when the tile grid cannot fill the GPU and each split keeps >= 4 K tiles.
@@ -568,6 +585,15 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
         return GEMM_EVEN and m % c["BLOCK_M"] == 0 and n_out % c["BLOCK_N"] == 0 and k == kp
 
     def launch(c, out=None):
+        if c.get("WG"):
+            out = y if out is None else out
+            grid = (triton_cdiv(n_out, c["BLOCK_N"]), triton_cdiv(m, c["BLOCK_M"]))
+            LAST["gemm"] = gemm_il4_wg_kernel[grid](
+                x2, qweight, scales, z, b, out, m, n_out, k, x2.stride(0), qweight.stride(0), scales.stride(0),
+                z.stride(0), out.stride(0), B=block_size, ASYM=encoding == "int4_asym", HAS_BIAS=bias is not None,
+                SILU=silu, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
+                EVEN=m % c["BLOCK_M"] == 0 and n_out % c["BLOCK_N"] == 0, num_warps=c["num_warps"])
+            return out
         split = split_of(c)
         if out is None:
             out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device) if split > 1 else y
@@ -585,6 +611,17 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     if out is not y:
         y.copy_(out)
     return y.reshape(*lead, n_out)
+
+
+def _wg_applies(x, encoding, block_size, k, kp, n_out, layout) -> bool:
+    """Whether the Gluon GEMM (gemm_wg.py) can run this call: il4 int4, bf16/fp16 x, whole 64-k tiles with one
+    scale each (K = Kp, multiple of 64, blocks of 64 k or more), rows in il4 groups, on a Hopper GPU with a
+    triton that has Gluon."""
+    if not (GEMM_WG and layout == "il4" and encoding in ("int4_sym", "int4_asym") and x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16) and k == kp and k % 64 == 0 and block_size % 64 == 0
+            and n_out % 4 == 0 and gemm_il4_wg_kernel is not None):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] == 9
 
 
 def triton_cdiv(a: int, b: int) -> int:
