@@ -250,17 +250,24 @@ def gemm_variants():
 def gemm_wg_variants():
     """The Gluon GEMM (gemm_wg.py) in every config the launcher offers, sym and asym, with a bias (Qwen2's qkv)
     and as gate+up, with and without masks, bf16 and fp16."""
+    from triton.experimental.gluon import language as gl
+
     from qrun.kernels.gemm_wg import gemm_il4_wg_kernel
-    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr")
+    wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    xl = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     for c in ops._gemm_candidates(1024, 128, "il4"):
         if not c.get("WG"):
             continue
+        bn, bm = c["BLOCK_N"], c["BLOCK_M"]
         for asym, silu, even, dt in ((False, False, True, "bf16"), (True, False, False, "bf16"),
                                      (False, True, True, "bf16"), (True, True, False, "fp16")):
-            if silu and c["BLOCK_M"] > 128:  # the launcher's rule: two accumulators of 128 registers do not fit
+            if silu and bm > 128:  # the launcher's rule: two accumulators of 128 registers do not fit
                 continue
-            yield (gemm_il4_wg_kernel, ptrs(base, dt, w_ptr="*u8", s_ptr="*fp16", z_ptr="*u8"),
-                   dict(B=128, ASYM=asym, HAS_BIAS=not silu, SILU=silu, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"],
+            types = ptrs(("s_ptr", "z_ptr", "bias_ptr", "y_ptr"), dt, s_ptr="*fp16", z_ptr="*u8")
+            types["x_desc"] = f"tensordesc<{dt}[{bm}, 64],{xl!r}>"
+            types["w_desc"] = f"tensordesc<u8[{bn // 4}, 128],{wl!r}>"
+            yield (gemm_il4_wg_kernel, types,
+                   dict(B=128, ASYM=asym, HAS_BIAS=not silu, SILU=silu, BLOCK_N=bn, BLOCK_M=bm,
                         STAGES=c["num_stages"], EVEN=even, num_warps=c["num_warps"]), c["num_warps"], 1)
 
 

@@ -13,8 +13,11 @@ t + 1 runs beside tile t's MMAs.
 
 The product is computed transposed, as gemm.py's SWAP: acc (BLOCK_N, BLOCK_M) = W_tile (BLOCK_N, 64) @
 x^T (64, BLOCK_M), so the weight's rows are wgmma's M side (64 a warpgroup) and M only has to fill its N side.
-Each thread reads one 16-byte il4 chunk of a K tile (4 rows x 8 k) with one load, and x comes by cp.async,
-STAGES buffers, STAGES - 2 tiles ahead.
+The packed W tile and the x tile come by TMA (STAGES buffers, STAGES - 2 tiles ahead; rows past N or M are
+zero-filled), and each thread dequantizes one 16-byte il4 chunk (4 rows x 8 k) read from shared memory. Plain
+global loads would be waited for at every step: the proxy fence that makes the stored W tile visible to the
+wgmma (fence.proxy.async) is a MEMBAR in SASS, which waits for every load of the thread still in flight. Only
+the scales (a few bytes a row) still come by plain loads, issued a step ahead, before that step's dequantization.
 
 Limits (the launcher checks them and otherwise uses gemm.py): int4_sym or int4_asym in "il4", bf16 or fp16
 activations, K a multiple of 64 and quantization blocks of 64 k or more, sm_90. Gluon has no interpreter: the
@@ -24,37 +27,28 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_wait)
 
-# cp.async into shared memory: async_load from triton 3.7 on, async_copy_global_to_shared before (the device's
-# 3.6); the kernel compiles on both (tests/test_compile_sm90.py runs on CI's triton)
-_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-
-# a CTA barrier: gl.barrier from triton 3.7 on, gl.thread_barrier before
+# TMA loads and a CTA barrier under their triton >= 3.7 names, or the device's 3.6 ones; the kernel compiles on
+# both (tests/test_compile_sm90.py runs on CI's triton)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 BLOCK_K = 64  # k per tile: four k16 wgmma slices, one scale per row (quant blocks are >= 64 k)
 
 
 @gluon.jit
-def _w_tile(w_ptr, s_ptr, z_ptr, goff, gsc, gzr, rmask, kt, B: gl.constexpr, ASYM: gl.constexpr,
-            EVEN: gl.constexpr, QL: gl.constexpr, V3: gl.constexpr):
-    """K tile kt of BLOCK_N rows in il4 order: packed bytes uint8 (BLOCK_N / 4, 128) in QL, element [g, e] =
-    byte e % 4 of row 4 g + (e // 4) % 4 at byte column 4 (e // 16) + e % 4 of the tile (16 bytes are one word
-    column of a 4-row group, read by one thread in one load); and per row the scale s and the offset c = -zero *
-    s, float32 (BLOCK_N / 4, 4) [g, j] in SliceLayout(2, V3), so that w = value * s + c. goff/gsc/gzr: the
-    groups' offsets (BLOCK_N / 4,); scales and zeros [n, b] of il4 sit at (n // 4) * 4 * stride + 4 b + n % 4."""
-    e = gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
-    off = gl.convert_layout(goff, gl.SliceLayout(1, QL), assert_trivial=True)[:, None] + (kt * 128 + e)[None, :]
-    SL: gl.constexpr = gl.SliceLayout(2, V3)
-    j = gl.arange(0, 4, layout=gl.SliceLayout(0, SL))
+def _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt, B: gl.constexpr, ASYM: gl.constexpr, EVEN: gl.constexpr,
+            V3: gl.constexpr):
+    """Per row of K tile kt: the scale s and the offset c = -zero * s, float32 (BLOCK_N / 4, 4) [g, j] in
+    SliceLayout(2, V3), so that w = value * s + c. gsc/gzr: the row groups' offsets; scales and zeros [n, b] of
+    il4 sit at (n // 4) * 4 * stride + 4 b + n % 4."""
+    j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, V3)))
     b4 = (kt * 64) // B * 4
     if EVEN:
-        q = gl.load(w_ptr + off)
         s = gl.load(s_ptr + gsc[:, None] + b4 + j[None, :]).to(gl.float32)
     else:
-        q = gl.load(w_ptr + off, mask=gl.convert_layout(rmask, gl.SliceLayout(1, QL), assert_trivial=True)[:, None], other=0)
         s = gl.load(s_ptr + gsc[:, None] + b4 + j[None, :], mask=rmask[:, None], other=0.0).to(gl.float32)
     if ASYM:
         if EVEN:
@@ -64,14 +58,15 @@ def _w_tile(w_ptr, s_ptr, z_ptr, goff, gsc, gzr, rmask, kt, B: gl.constexpr, ASY
         c = -z * s
     else:
         c = -8.0 * s
-    return q, s, c
+    return s, c
 
 
 @gluon.jit
 def _dequant(q, s, c, ASYM: gl.constexpr, DT: gl.constexpr, Q3: gl.constexpr, V3: gl.constexpr):
-    """uint8 (G, 128) and per-row s, c (G, 4) -> DT (4 G, 64), rows and k in order. Integers become floats
-    through the exponent trick (dequant.py): (0x4B000000 | u) as float32 is 2**23 + u. The reshapes only
-    rename registers (asserted): a thread keeps its 16 bytes, 4 rows x 8 k."""
+    """Packed bytes uint8 (G, 128) of a K tile in il4 order (element [g, e]: byte e % 4 of row 4 g + (e // 4) % 4
+    at byte column 4 (e // 16) + e % 4) and per-row s, c (G, 4) -> DT (4 G, 64), rows and k in order. Integers
+    become floats through the exponent trick (dequant.py): (0x4B000000 | u) as float32 is 2**23 + u. The
+    reshapes only rename registers (asserted): a thread keeps its 16 bytes, 4 rows x 8 k."""
     G: gl.constexpr = q.shape[0]
     q = gl.reshape(q, [G, 8, 4, 4])                                     # [g, word column w, row j, byte]
     q = gl.convert_layout(gl.reshape(gl.permute(q, [0, 2, 1, 3]), [G, 4, 32]), Q3, assert_trivial=True)
@@ -86,59 +81,63 @@ def _dequant(q, s, c, ASYM: gl.constexpr, DT: gl.constexpr, Q3: gl.constexpr, V3
 
 
 @gluon.jit
-def _x_copy(xs, x_ptr, offs_m, mmask, offs_k, kt, stride_xm, STAGES: gl.constexpr, EVEN: gl.constexpr):
-    """cp.async x[offs_m, 64 kt : 64 kt + 64] into buffer kt % STAGES (rows past M are zero-filled)."""
-    ptrs = x_ptr + offs_m[:, None] * stride_xm + (kt * 64 + offs_k)[None, :]
-    if EVEN:
-        _cp_async(xs.index(kt % STAGES), ptrs)
-    else:
-        _cp_async(xs.index(kt % STAGES), ptrs, mask=mmask[:, None])
+def _tma_tiles(x_desc, w_desc, xs, wq, bars, kt, off_m, g0, gu, SILU: gl.constexpr, STAGES: gl.constexpr):
+    """TMA x[off_m :, 64 kt :] and the packed W tile kt of the row groups g0 (and gu, the up rows) into buffer
+    kt % STAGES; its barrier completes when all have landed."""
+    i = kt % STAGES
+    H: gl.constexpr = 2 if SILU else 1
+    mbarrier.expect(bars.index(i), x_desc.block_type.nbytes + H * w_desc.block_type.nbytes)
+    _tma_load(x_desc, [off_m, kt * 64], bars.index(i), xs.index(i))
+    _tma_load(w_desc, [g0, kt * 128], bars.index(i), wq.index(H * i))
+    if SILU:
+        _tma_load(w_desc, [gu, kt * 128], bars.index(i), wq.index(H * i + 1))
 
 
 @gluon.jit
-def _step(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, t, NK, acc, up, q, s, c, qu, su, cu, goff, gsc, gzr, rmask, uw, us,
-          uz, offs_m, mmask, offs_k, stride_xm, B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr,
-          EVEN: gl.constexpr, STAGES: gl.constexpr, QL: gl.constexpr, Q3: gl.constexpr, V3: gl.constexpr,
-          USE_ACC: gl.constexpr):
-    """K tile t: store the dequantized W tile (registers q, s, c; with SILU also the up rows' qu, su, cu), load
-    the next one, issue the wgmmas, and wait until only this tile's are in flight."""
-    DT: gl.constexpr = x_ptr.dtype.element_ty
+def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, up, s, c, su, cu, gsc, gzr, rmask, us, uz,
+          off_m, g0, gu, B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr,
+          STAGES: gl.constexpr, QL: gl.constexpr, Q3: gl.constexpr, V3: gl.constexpr, USE_ACC: gl.constexpr):
+    """K tile t: dequantize the W tile (with SILU also the up rows') into a wgmma buffer, issue the TMA loads
+    STAGES - 2 tiles ahead and the wgmmas, and wait until only this tile's are in flight."""
+    DT: gl.constexpr = x_desc.dtype
     D: gl.constexpr = STAGES - 2
     H: gl.constexpr = 2 if SILU else 1
-    # W tile t into buffer t % 2: the wgmmas that read it last (tile t - 2) retired at this warpgroup's wait in
-    # step t - 1, and each warpgroup reads only the rows its own warps write
+    i = t % STAGES
     tn = gl.minimum(t + 1, NK - 1)  # the next tile (a harmless reload of the last one at the end)
-    ws.index(H * (t % 2)).store(_dequant(q, s, c, ASYM, DT, Q3, V3))
-    q, s, c = _w_tile(w_ptr, s_ptr, z_ptr, goff, gsc, gzr, rmask, tn, B, ASYM, EVEN, QL, V3)
+    # the next tile's scales now, so that their latency passes under this tile's dequantization
+    sn, cn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, tn, B, ASYM, EVEN, V3)
     if SILU:
-        ws.index(H * (t % 2) + 1).store(_dequant(qu, su, cu, ASYM, DT, Q3, V3))
-        qu, su, cu = _w_tile(w_ptr + uw, s_ptr + us, z_ptr + uz, goff, gsc, gzr, rmask, tn, B, ASYM, EVEN, QL, V3)
-    # x tile t has landed (this thread's copies; the barrier makes it everyone's), and every warpgroup has
-    # retired tile t - 2's wgmmas, so x buffer (t + D) % STAGES = (t - 2) % STAGES is free for tile t + D
-    async_copy.wait_group(D - 1)
-    fence_async_shared()  # the generic-proxy writes above (st.shared, cp.async) before wgmma reads them
+        sun, cun = _scales(s_ptr + us, z_ptr + uz, gsc, gzr, rmask, tn, B, ASYM, EVEN, V3)
+    else:
+        sun, cun = su, cu
+    mbarrier.wait(bars.index(i), (t // STAGES) & 1)                      # x and W tile t have landed
+    # W tile t into wgmma buffer t % 2: the wgmmas that read it last (tile t - 2) retired at this warpgroup's
+    # wait in step t - 1, and each warpgroup reads only the rows its own warps write
+    ws.index(H * (t % 2)).store(_dequant(wq.index(H * i).load(QL), s, c, ASYM, DT, Q3, V3))
+    if SILU:
+        ws.index(H * (t % 2) + 1).store(_dequant(wq.index(H * i + 1).load(QL), su, cu, ASYM, DT, Q3, V3))
+    fence_async_shared()  # the stores above, before the wgmmas (async proxy) read them
+    # every warp has stored its rows and read its W bytes of tile t, and every warpgroup has retired tile
+    # t - 2's wgmmas, so buffer (t + D) % STAGES = (t - 2) % STAGES is free for tile t + D
     _cta_barrier()
     if t + D < NK:
-        _x_copy(xs, x_ptr, offs_m, mmask, offs_k, t + D, stride_xm, STAGES, EVEN)
-    async_copy.commit_group()
-    xv = xs.index(t % STAGES).permute((1, 0))                            # (64, BLOCK_M), K-major
+        _tma_tiles(x_desc, w_desc, xs, wq, bars, t + D, off_m, g0, gu, SILU, STAGES)
+    xv = xs.index(i).permute((1, 0))                                     # (64, BLOCK_M), K-major
     acc = warpgroup_mma(ws.index(H * (t % 2)), xv, acc, use_acc=USE_ACC, is_async=True)
     if SILU:
         up = warpgroup_mma(ws.index(H * (t % 2) + 1), xv, up, use_acc=USE_ACC, is_async=True)
         acc, up = warpgroup_mma_wait(2, deps=[acc, up])                  # tile t - 1's two groups retired
     else:
         acc = warpgroup_mma_wait(1, deps=[acc])                          # tile t - 1's group retired
-    return acc, up, q, s, c, qu, su, cu
+    return acc, up, sn, cn, sun, cun
 
 
 @gluon.jit
-def _gemm_tiles(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, row0, N_OUT, off_m, M, NK, stride_xm, stride_wn, stride_sn,
-                stride_zn, B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr,
-                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, row0, N_OUT, off_m, NK, stride_sn, stride_zn,
+                B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """float32 (BLOCK_N, BLOCK_M) accumulators in the MMA layout: W[row0 : row0 + BLOCK_N] @ x[off_m : off_m +
-    BLOCK_M]^T, and with SILU also the up rows' (row0 + N_OUT ...) from the same x tiles (else the first
-    again). ws: the dequantized W tiles, 2 buffers (4 with SILU: gate and up)."""
-    DT: gl.constexpr = x_ptr.dtype.element_ty
+    BLOCK_M]^T, and with SILU also the up rows' (row0 + N_OUT ...) from the same x tiles (else a placeholder)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     # W: one thread a 16-byte chunk of a 4-row group (8 threads cover a group's 128 bytes of a K tile), the
@@ -149,36 +148,25 @@ def _gemm_tiles(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, row0, N_OUT, off_m, M, NK, s
                                         warps_per_cta=[num_warps, 1, 1], order=[2, 1, 0])
     V3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 8], threads_per_warp=[4, 1, 8],
                                         warps_per_cta=[num_warps, 1, 1], order=[2, 1, 0])
-    # x tiles: 16-byte cp.async chunks, 8 threads along a row's 64 k
-    XL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                        warps_per_cta=[num_warps, 1], order=[1, 0])
-    D: gl.constexpr = STAGES - 2  # x tiles in flight ahead of the one being multiplied
-    H: gl.constexpr = 2 if SILU else 1
+    D: gl.constexpr = STAGES - 2  # tiles in flight ahead of the one being multiplied
 
-    grp = row0 // 4 + gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, V3)))
+    g0 = row0 // 4
+    gu = (row0 + N_OUT) // 4  # the up rows' groups (N_OUT is a multiple of 4)
+    grp = g0 + gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, V3)))
     rmask = grp * 4 < N_OUT
-    goff = grp * (4 * stride_wn)
     gsc = grp * (4 * stride_sn)
     gzr = grp * (4 * stride_zn)
-    # the up rows are N_OUT further (N_OUT is a multiple of 4: no il4 group straddles the halves)
-    uw = (N_OUT // 4) * (4 * stride_wn)
     us = (N_OUT // 4) * (4 * stride_sn)
     uz = (N_OUT // 4) * (4 * stride_zn)
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XL))
-    mmask = offs_m < M
-    offs_k = gl.arange(0, 64, layout=gl.SliceLayout(0, XL))
 
-    # prologue: x tiles 0 .. D - 1 in flight (one commit group each, empty past the last tile, so that the
-    # number of groups in flight is the same every step), W tile 0 in registers
-    for i in gl.static_range(D):
+    for i in gl.static_range(D):  # prologue: tiles 0 .. D - 1 in flight
         if i < NK:
-            _x_copy(xs, x_ptr, offs_m, mmask, offs_k, i, stride_xm, STAGES, EVEN)
-        async_copy.commit_group()
-    q, s, c = _w_tile(w_ptr, s_ptr, z_ptr, goff, gsc, gzr, rmask, 0, B, ASYM, EVEN, QL, V3)
+            _tma_tiles(x_desc, w_desc, xs, wq, bars, i, off_m, g0, gu, SILU, STAGES)
+    s, c = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
     if SILU:
-        qu, su, cu = _w_tile(w_ptr + uw, s_ptr + us, z_ptr + uz, goff, gsc, gzr, rmask, 0, B, ASYM, EVEN, QL, V3)
-    else:  # unused placeholders (scalars, so no registers of a tile are carried through the loop)
-        qu, su, cu = 0.0, 0.0, 0.0
+        su, cu = _scales(s_ptr + us, z_ptr + uz, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
+    else:  # unused placeholders (scalars, so no registers are carried through the loop)
+        su, cu = 0.0, 0.0
 
     # tile 0, peeled: the accumulators' first values come from wgmmas (use_acc=False); zeros flowing past a
     # zero-trip loop into the last wait make ptxas serialize every wgmma (its info C7515, PERF.md attempt 61)
@@ -187,13 +175,12 @@ def _gemm_tiles(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, row0, N_OUT, off_m, M, NK, s
         up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     else:
         up = 0.0
-    acc, up, q, s, c, qu, su, cu = _step(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, 0, NK, acc, up, q, s, c, qu, su, cu,
-                                         goff, gsc, gzr, rmask, uw, us, uz, offs_m, mmask, offs_k, stride_xm, B,
-                                         ASYM, SILU, EVEN, STAGES, QL, Q3, V3, False)
+    acc, up, s, c, su, cu = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, 0, NK, acc, up, s, c, su, cu, gsc,
+                                  gzr, rmask, us, uz, off_m, g0, gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3, V3, False)
     for t in range(1, NK):
-        acc, up, q, s, c, qu, su, cu = _step(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, t, NK, acc, up, q, s, c, qu, su,
-                                             cu, goff, gsc, gzr, rmask, uw, us, uz, offs_m, mmask, offs_k,
-                                             stride_xm, B, ASYM, SILU, EVEN, STAGES, QL, Q3, V3, True)
+        acc, up, s, c, su, cu = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, up, s, c, su, cu,
+                                      gsc, gzr, rmask, us, uz, off_m, g0, gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3,
+                                      V3, True)
     if SILU:
         acc, up = warpgroup_mma_wait(0, deps=[acc, up])
         return acc, up
@@ -203,24 +190,32 @@ def _gemm_tiles(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, row0, N_OUT, off_m, M, NK, s
 
 @gluon.jit
 def gemm_il4_wg_kernel(
-    # x (M, K); packed il4 W (N, K/2) bytes; scales, zeros (N, K/B) il4; bias (N_OUT,) or dummy; y (M, N_OUT)
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N_OUT, K, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+    # x (M, K) and the packed il4 W viewed as (N / 4, 2 K) bytes, as TMA descriptors (blocks (BLOCK_M, 64) and
+    # (BLOCK_N / 4, 128)); scales, zeros (N, K/B) il4; bias (N_OUT,) or dummy; y (M, N_OUT)
+    x_desc, w_desc, s_ptr, z_ptr, bias_ptr, y_ptr,
+    M, N_OUT, stride_sn, stride_zn, stride_ym,
     B: gl.constexpr, ASYM: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """One (BLOCK_N, BLOCK_M) tile of y^T per program; SILU: rows [0, N_OUT) are gate, [N_OUT, 2 N_OUT) up, and
     y = silu(gate) * up. EVEN: M and N_OUT are whole tiles (no masks)."""
-    DT: gl.constexpr = x_ptr.dtype.element_ty
+    DT: gl.constexpr = x_desc.dtype
     row0 = gl.program_id(0) * BLOCK_N
     off_m = gl.program_id(1) * BLOCK_M
-    NK = K // 64
-    SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], SMEM)
-    ws = gl.allocate_shared_memory(DT, [4 if SILU else 2, BLOCK_N, 64], SMEM)
-    acc, up = _gemm_tiles(x_ptr, w_ptr, s_ptr, z_ptr, xs, ws, row0, N_OUT, off_m, M, NK, stride_xm, stride_wn,
-                          stride_sn, stride_zn, B, ASYM, SILU, EVEN, BLOCK_N, BLOCK_M, STAGES, num_warps)
+    NK = x_desc.shape[1] // 64
+    H: gl.constexpr = 2 if SILU else 1
+    xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    wq = gl.allocate_shared_memory(gl.uint8, [H * STAGES, BLOCK_N // 4, 128], w_desc.layout)
+    WS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ws = gl.allocate_shared_memory(DT, [2 * H, BLOCK_N, 64], WS)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    acc, up = _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, row0, N_OUT, off_m, NK, stride_sn,
+                          stride_zn, B, ASYM, SILU, EVEN, BLOCK_N, BLOCK_M, STAGES, num_warps)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
     if SILU:
         acc = acc / (1.0 + gl.exp(-acc)) * up
     # y^T tile: stores along n (contiguous in y), 8 outputs a thread
@@ -237,3 +232,20 @@ def gemm_il4_wg_kernel(
         gl.store(yp, out.to(DT))
     else:
         gl.store(yp, out.to(DT), mask=(rows < N_OUT)[:, None] & (offs_m < M)[None, :])
+
+
+def descriptors(x2, qweight, block_n: int, block_m: int):
+    """The kernel's TMA descriptors: x (M, K) in (BLOCK_M, 64) blocks, 128-byte swizzle (wgmma's B operand), and
+    the packed il4 weight as (N / 4, 2 K) bytes (a 4-row group's K tile is 128 contiguous bytes) in
+    (BLOCK_N / 4, 128) blocks, unswizzled (the threads read 16-byte chunks). None when TMA cannot address them
+    (16-byte aligned bases and row strides)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    n, kb = qweight.shape
+    if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16 or qweight.data_ptr() % 16 \
+            or not qweight.is_contiguous() or kb % 4:
+        return None
+    xl = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    xd = TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [block_m, 64], xl)
+    wd = TensorDescriptor(qweight.view(n // 4, 4 * kb), [n // 4, 4 * kb], [4 * kb, 1], [block_n // 4, 128], wl)
+    return xd, wd

@@ -19,9 +19,9 @@ from qrun.quant import NF4_CODE
 
 from .gemm import gemm_kernel
 try:  # Gluon (triton >= 3.5); the launcher falls back to gemm_kernel without it
-    from .gemm_wg import gemm_il4_wg_kernel
+    from .gemm_wg import descriptors as wg_descriptors, gemm_il4_wg_kernel
 except ImportError:  # pragma: no cover - depends on the installed triton
-    gemm_il4_wg_kernel = None
+    gemm_il4_wg_kernel = wg_descriptors = None
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
@@ -565,7 +565,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
 
     mb = triton_next_pow2(m)
     kp = nb * block_size
-    wg = _wg_applies(x, encoding, block_size, k, kp, n_out, layout)
+    wg = _wg_applies(x2, qweight, encoding, block_size, k, kp, n_out, layout)
     cands = [c for c in _gemm_candidates(m, block_size, layout)
              if not c.get("WG") or (wg and not (silu and c["BLOCK_M"] > 128))]
 
@@ -587,11 +587,12 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     def launch(c, out=None):
         if c.get("WG"):
             out = y if out is None else out
+            xd, wd = wg_descriptors(x2, qweight, c["BLOCK_N"], c["BLOCK_M"])
             grid = (triton_cdiv(n_out, c["BLOCK_N"]), triton_cdiv(m, c["BLOCK_M"]))
             LAST["gemm"] = gemm_il4_wg_kernel[grid](
-                x2, qweight, scales, z, b, out, m, n_out, k, x2.stride(0), qweight.stride(0), scales.stride(0),
-                z.stride(0), out.stride(0), B=block_size, ASYM=encoding == "int4_asym", HAS_BIAS=bias is not None,
-                SILU=silu, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
+                xd, wd, scales, z, b, out, m, n_out, scales.stride(0), z.stride(0), out.stride(0), B=block_size,
+                ASYM=encoding == "int4_asym", HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=c["BLOCK_N"],
+                BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
                 EVEN=m % c["BLOCK_M"] == 0 and n_out % c["BLOCK_N"] == 0, num_warps=c["num_warps"])
             return out
         split = split_of(c)
@@ -613,15 +614,18 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     return y.reshape(*lead, n_out)
 
 
-def _wg_applies(x, encoding, block_size, k, kp, n_out, layout) -> bool:
+def _wg_applies(x2, qweight, encoding, block_size, k, kp, n_out, layout) -> bool:
     """Whether the Gluon GEMM (gemm_wg.py) can run this call: il4 int4, bf16/fp16 x, whole 64-k tiles with one
-    scale each (K = Kp, multiple of 64, blocks of 64 k or more), rows in il4 groups, on a Hopper GPU with a
-    triton that has Gluon."""
-    if not (GEMM_WG and layout == "il4" and encoding in ("int4_sym", "int4_asym") and x.is_cuda
-            and x.dtype in (torch.bfloat16, torch.float16) and k == kp and k % 64 == 0 and block_size % 64 == 0
+    scale each (K = Kp, multiple of 64, blocks of 64 k or more), rows in il4 groups, bases and strides TMA can
+    address, on a Hopper GPU with a triton that has Gluon."""
+    if not (GEMM_WG and layout == "il4" and encoding in ("int4_sym", "int4_asym") and x2.is_cuda
+            and x2.dtype in (torch.bfloat16, torch.float16) and k == kp and k % 64 == 0 and block_size % 64 == 0
             and n_out % 4 == 0 and gemm_il4_wg_kernel is not None):
         return False
-    return torch.cuda.get_device_capability(x.device)[0] == 9
+    if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16 or qweight.data_ptr() % 16 \
+            or not qweight.is_contiguous():
+        return False
+    return torch.cuda.get_device_capability(x2.device)[0] == 9
 
 
 def triton_cdiv(a: int, b: int) -> int:
