@@ -261,11 +261,11 @@ def gemm_wg_variants():
         bn, bm = c["BLOCK_N"], c["BLOCK_M"]
         for asym, silu, even, dt in ((False, False, True, "bf16"), (True, False, False, "bf16"),
                                      (False, True, True, "bf16"), (True, True, False, "fp16")):
-            if silu and bm > 128:  # the launcher's rule: two accumulators of 128 registers do not fit
+            if silu and c["num_stages"] * 32 < bn:  # the launcher's rule (ops._launch)
                 continue
             types = ptrs(("s_ptr", "z_ptr", "bias_ptr", "y_ptr"), dt, s_ptr="*fp16", z_ptr="*u8")
             types["x_desc"] = f"tensordesc<{dt}[{bm}, 64],{xl!r}>"
-            types["w_desc"] = f"tensordesc<u8[{bn // 4}, 128],{wl!r}>"
+            types["w_desc"] = f"tensordesc<u8[{bn // 8 if silu else bn // 4}, 128],{wl!r}>"
             yield (gemm_il4_wg_kernel, types,
                    dict(B=128, ASYM=asym, HAS_BIAS=not silu, SILU=silu, BLOCK_N=bn, BLOCK_M=bm,
                         STAGES=c["num_stages"], EVEN=even, num_warps=c["num_warps"]), c["num_warps"], 1)

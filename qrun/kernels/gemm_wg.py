@@ -82,40 +82,36 @@ def _dequant(q, s, c, ASYM: gl.constexpr, DT: gl.constexpr, Q3: gl.constexpr, V3
 
 @gluon.jit
 def _tma_tiles(x_desc, w_desc, xs, wq, bars, kt, off_m, g0, gu, SILU: gl.constexpr, STAGES: gl.constexpr):
-    """TMA x[off_m :, 64 kt :] and the packed W tile kt of the row groups g0 (and gu, the up rows) into buffer
-    kt % STAGES; its barrier completes when all have landed."""
+    """TMA x[off_m :, 64 kt :] and the packed W tile kt of the row groups from g0 (with SILU: half the tile from
+    g0, the gate rows, half from gu, the up rows) into buffer kt % STAGES; its barrier completes when all have
+    landed."""
     i = kt % STAGES
-    H: gl.constexpr = 2 if SILU else 1
-    mbarrier.expect(bars.index(i), x_desc.block_type.nbytes + H * w_desc.block_type.nbytes)
+    GB: gl.constexpr = w_desc.block_type.shape[0]  # row groups a load
+    mbarrier.expect(bars.index(i), x_desc.block_type.nbytes + (2 if SILU else 1) * w_desc.block_type.nbytes)
     _tma_load(x_desc, [off_m, kt * 64], bars.index(i), xs.index(i))
-    _tma_load(w_desc, [g0, kt * 128], bars.index(i), wq.index(H * i))
     if SILU:
-        _tma_load(w_desc, [gu, kt * 128], bars.index(i), wq.index(H * i + 1))
+        _tma_load(w_desc, [g0, kt * 128], bars.index(i), wq.index(i).slice(0, GB))
+        _tma_load(w_desc, [gu, kt * 128], bars.index(i), wq.index(i).slice(GB, GB))
+    else:
+        _tma_load(w_desc, [g0, kt * 128], bars.index(i), wq.index(i))
 
 
 @gluon.jit
-def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, up, s, c, su, cu, gsc, gzr, rmask, us, uz,
-          off_m, g0, gu, B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr,
-          STAGES: gl.constexpr, QL: gl.constexpr, Q3: gl.constexpr, V3: gl.constexpr, USE_ACC: gl.constexpr):
-    """K tile t: dequantize the W tile (with SILU also the up rows') into a wgmma buffer, issue the TMA loads
-    STAGES - 2 tiles ahead and the wgmmas, and wait until only this tile's are in flight."""
+def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, s, c, gsc, gzr, rmask, off_m, g0, gu,
+          B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, STAGES: gl.constexpr,
+          QL: gl.constexpr, Q3: gl.constexpr, V3: gl.constexpr, USE_ACC: gl.constexpr):
+    """K tile t: dequantize the W tile into a wgmma buffer, issue the TMA loads STAGES - 2 tiles ahead and the
+    wgmmas, and wait until only this tile's are in flight."""
     DT: gl.constexpr = x_desc.dtype
     D: gl.constexpr = STAGES - 2
-    H: gl.constexpr = 2 if SILU else 1
     i = t % STAGES
     tn = gl.minimum(t + 1, NK - 1)  # the next tile (a harmless reload of the last one at the end)
     # the next tile's scales now, so that their latency passes under this tile's dequantization
     sn, cn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, tn, B, ASYM, EVEN, V3)
-    if SILU:
-        sun, cun = _scales(s_ptr + us, z_ptr + uz, gsc, gzr, rmask, tn, B, ASYM, EVEN, V3)
-    else:
-        sun, cun = su, cu
     mbarrier.wait(bars.index(i), (t // STAGES) & 1)                      # x and W tile t have landed
     # W tile t into wgmma buffer t % 2: the wgmmas that read it last (tile t - 2) retired at this warpgroup's
     # wait in step t - 1, and each warpgroup reads only the rows its own warps write
-    ws.index(H * (t % 2)).store(_dequant(wq.index(H * i).load(QL), s, c, ASYM, DT, Q3, V3))
-    if SILU:
-        ws.index(H * (t % 2) + 1).store(_dequant(wq.index(H * i + 1).load(QL), su, cu, ASYM, DT, Q3, V3))
+    ws.index(t % 2).store(_dequant(wq.index(i).load(QL), s, c, ASYM, DT, Q3, V3))
     fence_async_shared()  # the stores above, before the wgmmas (async proxy) read them
     # every warp has stored its rows and read its W bytes of tile t, and every warpgroup has retired tile
     # t - 2's wgmmas, so buffer (t + D) % STAGES = (t - 2) % STAGES is free for tile t + D
@@ -123,21 +119,17 @@ def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, up, s, c, 
     if t + D < NK:
         _tma_tiles(x_desc, w_desc, xs, wq, bars, t + D, off_m, g0, gu, SILU, STAGES)
     xv = xs.index(i).permute((1, 0))                                     # (64, BLOCK_M), K-major
-    acc = warpgroup_mma(ws.index(H * (t % 2)), xv, acc, use_acc=USE_ACC, is_async=True)
-    if SILU:
-        up = warpgroup_mma(ws.index(H * (t % 2) + 1), xv, up, use_acc=USE_ACC, is_async=True)
-        acc, up = warpgroup_mma_wait(2, deps=[acc, up])                  # tile t - 1's two groups retired
-    else:
-        acc = warpgroup_mma_wait(1, deps=[acc])                          # tile t - 1's group retired
-    return acc, up, sn, cn, sun, cun
+    acc = warpgroup_mma(ws.index(t % 2), xv, acc, use_acc=USE_ACC, is_async=True)
+    acc = warpgroup_mma_wait(1, deps=[acc])                              # tile t - 1's group retired
+    return acc, sn, cn
 
 
 @gluon.jit
-def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, row0, N_OUT, off_m, NK, stride_sn, stride_zn,
+def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, r0, N_OUT, off_m, NK, stride_sn, stride_zn,
                 B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """float32 (BLOCK_N, BLOCK_M) accumulators in the MMA layout: W[row0 : row0 + BLOCK_N] @ x[off_m : off_m +
-    BLOCK_M]^T, and with SILU also the up rows' (row0 + N_OUT ...) from the same x tiles (else a placeholder)."""
+    """float32 (BLOCK_N, BLOCK_M) accumulator in the MMA layout: W[rows] @ x[off_m : off_m + BLOCK_M]^T, rows
+    r0 .. r0 + BLOCK_N, or with SILU the gate rows r0 .. r0 + BLOCK_N / 2 then the same rows of up (+ N_OUT)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     # W: one thread a 16-byte chunk of a 4-row group (8 threads cover a group's 128 bytes of a K tile), the
@@ -149,43 +141,44 @@ def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, row0, N_OUT, off
     V3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 8], threads_per_warp=[4, 1, 8],
                                         warps_per_cta=[num_warps, 1, 1], order=[2, 1, 0])
     D: gl.constexpr = STAGES - 2  # tiles in flight ahead of the one being multiplied
+    G: gl.constexpr = BLOCK_N // 4
 
-    g0 = row0 // 4
-    gu = (row0 + N_OUT) // 4  # the up rows' groups (N_OUT is a multiple of 4)
-    grp = g0 + gl.arange(0, BLOCK_N // 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, V3)))
-    rmask = grp * 4 < N_OUT
+    g0 = r0 // 4
+    gu = (r0 + N_OUT) // 4  # the up rows' groups (N_OUT is a multiple of 4)
+    i = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, V3)))
+    if SILU:  # groups 0 .. G/2 - 1 gate, G/2 .. G - 1 up, for the same output rows
+        h = i // (G // 2)
+        ro = r0 + 4 * (i % (G // 2))                                     # output row of the group's first row
+        grp = g0 + i % (G // 2) + h * (N_OUT // 4)
+    else:
+        ro = r0 + 4 * i
+        grp = g0 + i
+    rmask = ro < N_OUT
     gsc = grp * (4 * stride_sn)
     gzr = grp * (4 * stride_zn)
-    us = (N_OUT // 4) * (4 * stride_sn)
-    uz = (N_OUT // 4) * (4 * stride_zn)
 
-    for i in gl.static_range(D):  # prologue: tiles 0 .. D - 1 in flight
-        if i < NK:
-            _tma_tiles(x_desc, w_desc, xs, wq, bars, i, off_m, g0, gu, SILU, STAGES)
+    for j in gl.static_range(D):  # prologue: tiles 0 .. D - 1 in flight
+        if j < NK:
+            _tma_tiles(x_desc, w_desc, xs, wq, bars, j, off_m, g0, gu, SILU, STAGES)
     s, c = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
-    if SILU:
-        su, cu = _scales(s_ptr + us, z_ptr + uz, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
-    else:  # unused placeholders (scalars, so no registers are carried through the loop)
-        su, cu = 0.0, 0.0
 
-    # tile 0, peeled: the accumulators' first values come from wgmmas (use_acc=False); zeros flowing past a
+    # tile 0, peeled: the accumulator's first value comes from a wgmma (use_acc=False); zeros flowing past a
     # zero-trip loop into the last wait make ptxas serialize every wgmma (its info C7515, PERF.md attempt 61)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    if SILU:
-        up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    else:
-        up = 0.0
-    acc, up, s, c, su, cu = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, 0, NK, acc, up, s, c, su, cu, gsc,
-                                  gzr, rmask, us, uz, off_m, g0, gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3, V3, False)
+    acc, s, c = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, 0, NK, acc, s, c, gsc, gzr, rmask, off_m, g0,
+                      gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3, V3, False)
     for t in range(1, NK):
-        acc, up, s, c, su, cu = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, up, s, c, su, cu,
-                                      gsc, gzr, rmask, us, uz, off_m, g0, gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3,
-                                      V3, True)
-    if SILU:
-        acc, up = warpgroup_mma_wait(0, deps=[acc, up])
-        return acc, up
+        acc, s, c = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, s, c, gsc, gzr, rmask, off_m,
+                          g0, gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3, V3, True)
     acc = warpgroup_mma_wait(0, deps=[acc])
-    return acc, acc
+    return acc
+
+
+@gluon.constexpr_function
+def _reinterpret_name():
+    """shared_memory_descriptor.reinterpret from triton 3.7 on, _reinterpret before."""
+    from triton.experimental.gluon.language._core import shared_memory_descriptor
+    return "new" if hasattr(shared_memory_descriptor, "reinterpret") else "old"
 
 
 @gluon.jit
@@ -198,32 +191,48 @@ def gemm_il4_wg_kernel(
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    """One (BLOCK_N, BLOCK_M) tile of y^T per program; SILU: rows [0, N_OUT) are gate, [N_OUT, 2 N_OUT) up, and
-    y = silu(gate) * up. EVEN: M and N_OUT are whole tiles (no masks)."""
+    """One tile of y^T per program: BLOCK_N output rows x BLOCK_M tokens, or with SILU (rows [0, N_OUT) of W are
+    gate, [N_OUT, 2 N_OUT) up, y = silu(gate) * up) BLOCK_N / 2 output rows, whose gate and up rows make up the
+    BLOCK_N rows of the MMA, so gate+up runs at BLOCK_M = 256 with one accumulator. EVEN: M and N_OUT are whole
+    tiles (no masks)."""
     DT: gl.constexpr = x_desc.dtype
-    row0 = gl.program_id(0) * BLOCK_N
+    NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N  # output rows a program
+    r0 = gl.program_id(0) * NR
     off_m = gl.program_id(1) * BLOCK_M
     NK = x_desc.shape[1] // 64
-    H: gl.constexpr = 2 if SILU else 1
     xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    wq = gl.allocate_shared_memory(gl.uint8, [H * STAGES, BLOCK_N // 4, 128], w_desc.layout)
+    wq = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N // 4, 128], w_desc.layout)
     WS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    ws = gl.allocate_shared_memory(DT, [2 * H, BLOCK_N, 64], WS)
+    ws = gl.allocate_shared_memory(DT, [2, BLOCK_N, 64], WS)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-    acc, up = _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, row0, N_OUT, off_m, NK, stride_sn,
-                          stride_zn, B, ASYM, SILU, EVEN, BLOCK_N, BLOCK_M, STAGES, num_warps)
+    acc = _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, r0, N_OUT, off_m, NK, stride_sn, stride_zn,
+                      B, ASYM, SILU, EVEN, BLOCK_N, BLOCK_M, STAGES, num_warps)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    if SILU:
-        acc = acc / (1.0 + gl.exp(-acc)) * up
     # y^T tile: stores along n (contiguous in y), 8 outputs a thread
-    TN: gl.constexpr = BLOCK_N // 8 if BLOCK_N // 8 < 32 else 32
+    TN: gl.constexpr = NR // 8 if NR // 8 < 32 else 32
     YL: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[TN, 32 // TN],
                                         warps_per_cta=[1, num_warps], order=[0, 1])
-    out = gl.convert_layout(acc, YL)
-    rows = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, YL))
+    if SILU:
+        # gate rows are the accumulator's first half (the first warpgroup's), up rows the second: through
+        # shared memory (the x buffers, free now: every wgmma has retired) to pair them up
+        gl.static_assert(STAGES * 64 * 2 >= BLOCK_N * 4, "the x buffers must hold the float32 accumulator")
+        _cta_barrier()
+        EL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        if _reinterpret_name() == "new":
+            buf = xs.reinterpret(gl.float32, [BLOCK_N, BLOCK_M], EL)
+        else:
+            buf = xs._reinterpret(gl.float32, [BLOCK_N, BLOCK_M], EL)
+        buf.store(acc)
+        _cta_barrier()
+        gate = buf.slice(0, NR).load(YL)
+        up = buf.slice(NR, NR).load(YL)
+        out = gate / (1.0 + gl.exp(-gate)) * up
+    else:
+        out = gl.convert_layout(acc, YL)
+    rows = r0 + gl.arange(0, NR, layout=gl.SliceLayout(1, YL))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, YL))
     if HAS_BIAS:
         out += gl.load(bias_ptr + rows, mask=rows < N_OUT, other=0.0).to(gl.float32)[:, None]
@@ -234,18 +243,16 @@ def gemm_il4_wg_kernel(
         gl.store(yp, out.to(DT), mask=(rows < N_OUT)[:, None] & (offs_m < M)[None, :])
 
 
-def descriptors(x2, qweight, block_n: int, block_m: int):
+def descriptors(x2, qweight, block_n: int, block_m: int, silu: bool = False):
     """The kernel's TMA descriptors: x (M, K) in (BLOCK_M, 64) blocks, 128-byte swizzle (wgmma's B operand), and
     the packed il4 weight as (N / 4, 2 K) bytes (a 4-row group's K tile is 128 contiguous bytes) in
-    (BLOCK_N / 4, 128) blocks, unswizzled (the threads read 16-byte chunks). None when TMA cannot address them
-    (16-byte aligned bases and row strides)."""
+    (BLOCK_N / 4, 128) blocks (half that with SILU: gate and up rows come as two loads), unswizzled (the threads
+    read 16-byte chunks). The launcher checks alignment first (ops._wg_applies)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     n, kb = qweight.shape
-    if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16 or qweight.data_ptr() % 16 \
-            or not qweight.is_contiguous() or kb % 4:
-        return None
     xl = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
     xd = TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [block_m, 64], xl)
-    wd = TensorDescriptor(qweight.view(n // 4, 4 * kb), [n // 4, 4 * kb], [4 * kb, 1], [block_n // 4, 128], wl)
+    gb = block_n // 8 if silu else block_n // 4
+    wd = TensorDescriptor(qweight.view(n // 4, 4 * kb), [n // 4, 4 * kb], [4 * kb, 1], [gb, 128], wl)
     return xd, wd

@@ -389,8 +389,8 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
     out = []
     if m > 64 and layout == "il4" and GEMM_WG and not INTERPRET:
         # the Gluon GEMM (gemm_wg.py), first: (BLOCK_N, BLOCK_M, warps, x buffers). The launcher drops these
-        # where the kernel does not apply (_wg_applies), and BLOCK_M = 256 for gate+up (two accumulators of 128
-        # registers would not fit).
+        # where the kernel does not apply (_wg_applies), and for gate+up those whose x buffers cannot hold the
+        # float32 accumulator for the SILU epilogue (buffers x 32 < BLOCK_N).
         for bn, bm, warps, stages in ((128, 256, 8, 4), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 4, 4),
                                       (128, 64, 8, 4)):
             out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=warps, num_stages=stages,
@@ -567,7 +567,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     kp = nb * block_size
     wg = _wg_applies(x2, qweight, encoding, block_size, k, kp, n_out, layout)
     cands = [c for c in _gemm_candidates(m, block_size, layout)
-             if not c.get("WG") or (wg and not (silu and c["BLOCK_M"] > 128))]
+             if not c.get("WG") or (wg and not (silu and c["num_stages"] * 32 < c["BLOCK_N"]))]
 
     def split_of(c):
         # Split K only when the tile grid cannot fill the GPU and each split keeps >= 4 K tiles.
@@ -587,13 +587,14 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     def launch(c, out=None):
         if c.get("WG"):
             out = y if out is None else out
-            xd, wd = wg_descriptors(x2, qweight, c["BLOCK_N"], c["BLOCK_M"])
-            grid = (triton_cdiv(n_out, c["BLOCK_N"]), triton_cdiv(m, c["BLOCK_M"]))
+            xd, wd = wg_descriptors(x2, qweight, c["BLOCK_N"], c["BLOCK_M"], silu)
+            nr = c["BLOCK_N"] // 2 if silu else c["BLOCK_N"]  # output rows a program (SILU: gate and up rows)
+            grid = (triton_cdiv(n_out, nr), triton_cdiv(m, c["BLOCK_M"]))
             LAST["gemm"] = gemm_il4_wg_kernel[grid](
                 xd, wd, scales, z, b, out, m, n_out, scales.stride(0), z.stride(0), out.stride(0), B=block_size,
                 ASYM=encoding == "int4_asym", HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=c["BLOCK_N"],
                 BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
-                EVEN=m % c["BLOCK_M"] == 0 and n_out % c["BLOCK_N"] == 0, num_warps=c["num_warps"])
+                EVEN=m % c["BLOCK_M"] == 0 and n_out % nr == 0, num_warps=c["num_warps"])
             return out
         split = split_of(c)
         if out is None:
