@@ -261,7 +261,7 @@ def gemm_wg_variants():
         bn, bm = c["BLOCK_N"], c["BLOCK_M"]
         for asym, silu, even, dt in ((False, False, True, "bf16"), (True, False, False, "bf16"),
                                      (False, True, True, "bf16"), (True, True, False, "fp16")):
-            if silu and c["num_stages"] * 32 < bn:  # the launcher's rule (ops._launch)
+            if not ops.wg_config_ok(c, silu):
                 continue
             types = ptrs(("s_ptr", "z_ptr", "bias_ptr", "y_ptr"), dt, s_ptr="*fp16", z_ptr="*u8")
             types["x_desc"] = f"tensordesc<{dt}[{bm}, 64],{xl!r}>"

@@ -340,8 +340,7 @@ def test_gluon_gemm_every_config(enc, m, k, n, silu, bias, dt, b):
         g, u = ref.chunk(2, dim=-1)
         ref = torch.nn.functional.silu(g) * u
     il = interleave4(*parts)
-    cfgs = [c for c in ops._gemm_candidates(m, b, "il4")
-            if c.get("WG") and not (silu and c["num_stages"] * 32 < c["BLOCK_N"])]
+    cfgs = [c for c in ops._gemm_candidates(m, b, "il4") if c.get("WG") and ops.wg_config_ok(c, silu)]
     assert cfgs, "no Gluon GEMM config offered"
     orig = ops._gemm_candidates
     bad = []

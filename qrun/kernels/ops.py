@@ -566,8 +566,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     mb = triton_next_pow2(m)
     kp = nb * block_size
     wg = _wg_applies(x2, qweight, encoding, block_size, k, kp, n_out, layout)
-    cands = [c for c in _gemm_candidates(m, block_size, layout)
-             if not c.get("WG") or (wg and not (silu and c["num_stages"] * 32 < c["BLOCK_N"]))]
+    cands = [c for c in _gemm_candidates(m, block_size, layout) if not c.get("WG") or (wg and wg_config_ok(c, silu))]
 
     def split_of(c):
         # Split K only when the tile grid cannot fill the GPU and each split keeps >= 4 K tiles.
@@ -613,6 +612,12 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     if out is not y:
         y.copy_(out)
     return y.reshape(*lead, n_out)
+
+
+def wg_config_ok(c: dict, silu: bool) -> bool:
+    """A Gluon GEMM config that can run this projection: gate+up's SILU epilogue needs x buffers that hold the
+    float32 accumulator (num_stages x 32 >= BLOCK_N; gemm_wg.py asserts it)."""
+    return not (silu and c["num_stages"] * 32 < c["BLOCK_N"])
 
 
 def _wg_applies(x2, qweight, encoding, block_size, k, kp, n_out, layout) -> bool:
