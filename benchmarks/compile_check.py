@@ -250,11 +250,7 @@ def gemm_variants():
 def gemm_wg_variants():
     """The Gluon GEMM (gemm_wg.py) in every config the launcher offers, sym and asym, with a bias (Qwen2's qkv)
     and as gate+up, with and without masks, bf16 and fp16."""
-    from triton.experimental.gluon import language as gl
-
-    from qrun.kernels.gemm_wg import gemm_il4_wg_kernel
-    wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    xl = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    from qrun.kernels.gemm_wg import W_LAYOUT as wl, X_LAYOUT as xl, gemm_il4_wg_kernel
     for c in ops._gemm_candidates(1024, 128, "il4"):
         if not c.get("WG"):
             continue

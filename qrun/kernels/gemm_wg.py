@@ -35,7 +35,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
-BLOCK_K = 64  # k per tile: four k16 wgmma slices, one scale per row (quant blocks are >= 64 k)
+# shared-memory layouts of the TMA boxes: x (BLOCK_M, 64) with 128-byte swizzle (wgmma's B operand); the packed W
+# (BLOCK_N / 4, 128) bytes unswizzled (the threads read 16-byte chunks)
+X_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+W_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
 
 
 @gluon.jit
@@ -250,9 +253,7 @@ def descriptors(x2, qweight, block_n: int, block_m: int, silu: bool = False):
     read 16-byte chunks). The launcher checks alignment first (ops._wg_applies)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     n, kb = qweight.shape
-    xl = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    wl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    xd = TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [block_m, 64], xl)
+    xd = TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [block_m, 64], X_LAYOUT)
     gb = block_n // 8 if silu else block_n // 4
-    wd = TensorDescriptor(qweight.view(n // 4, 4 * kb), [n // 4, 4 * kb], [4 * kb, 1], [gb, 128], wl)
+    wd = TensorDescriptor(qweight.view(n // 4, 4 * kb), [n // 4, 4 * kb], [4 * kb, 1], [gb, 128], W_LAYOUT)
     return xd, wd
