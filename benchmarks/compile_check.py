@@ -65,8 +65,10 @@ def compile_one(kernel, types: dict, const: dict, num_warps: int = 4, num_stages
     src = ASTSource
     if getattr(kernel, "is_gluon", lambda: False)():  # a Gluon kernel (gemm_wg.py)
         from triton.experimental.gluon._runtime import GluonASTSource as src
-    return triton.compile(src(kernel, sig, consts, attrs), target=TARGET,
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if "maxnreg" in const:  # a launch option, as the launcher passes it (the warp-specialized GEMM)
+        opts["maxnreg"] = const["maxnreg"]
+    return triton.compile(src(kernel, sig, consts, attrs), target=TARGET, options=opts)
 
 
 def wgmma_hazards(k) -> list[str]:
@@ -250,11 +252,16 @@ def gemm_variants():
 def gemm_wg_variants():
     """The Gluon GEMM (gemm_wg.py) in every config the launcher offers, sym and asym, with a bias (Qwen2's qkv)
     and as gate+up, with and without masks, bf16 and fp16."""
-    from qrun.kernels.gemm_wg import W_LAYOUT as wl, X_LAYOUT as xl, gemm_il4_wg_kernel
+    from qrun.kernels.gemm_wg import W_LAYOUT as wl, X_LAYOUT as xl, gemm_il4_wg_kernel, gemm_il4_ws_kernel
     for c in ops._gemm_candidates(1024, 128, "il4"):
         if not c.get("WG"):
             continue
         bn, bm = c["BLOCK_N"], c["BLOCK_M"]
+        kernel, extra = gemm_il4_wg_kernel, {}
+        if c.get("WS"):  # the warp-specialized variant
+            kernel = gemm_il4_ws_kernel
+            extra = dict(QSTAGES=c["QSTAGES"], WSTAGES=c["WSTAGES"], DQ_WARPS=c["DQ_WARPS"], DQ_REGS=c["maxnreg"],
+                         maxnreg=c["maxnreg"])
         for asym, silu, even, dt in ((False, False, True, "bf16"), (True, False, False, "bf16"),
                                      (False, True, True, "bf16"), (True, True, False, "fp16")):
             if not ops.wg_config_ok(c, silu):
@@ -262,9 +269,9 @@ def gemm_wg_variants():
             types = ptrs(("s_ptr", "z_ptr", "bias_ptr", "y_ptr"), dt, s_ptr="*fp16", z_ptr="*u8")
             types["x_desc"] = f"tensordesc<{dt}[{bm}, 64],{xl!r}>"
             types["w_desc"] = f"tensordesc<u8[{bn // 8 if silu else bn // 4}, 128],{wl!r}>"
-            yield (gemm_il4_wg_kernel, types,
+            yield (kernel, types,
                    dict(B=128, ASYM=asym, HAS_BIAS=not silu, SILU=silu, BLOCK_N=bn, BLOCK_M=bm,
-                        STAGES=c["num_stages"], EVEN=even, num_warps=c["num_warps"]), c["num_warps"], 1)
+                        STAGES=c["num_stages"], EVEN=even, num_warps=c["num_warps"], **extra), c["num_warps"], 1)
 
 
 def attention_variants():

@@ -279,7 +279,8 @@ def sweep_gemm(shapes, m):
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
         lines.append(f"{name:14s} M={m} " + "  ".join(
             f"{t:.1f}us {c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}/{c['num_warps']}w{c['num_stages']}s"
-            + ("" if c["SWAP"] else "/noswap") + ("/wg" if c.get("WG") else "") for t, c in res))
+            + ("" if c["SWAP"] else "/noswap")
+            + (f"/ws{c['QSTAGES']}q{c['WSTAGES']}w" if c.get("WS") else "/wg" if c.get("WG") else "") for t, c in res))
         print("  gemm sweep " + lines[-1], flush=True)
     return lines
 

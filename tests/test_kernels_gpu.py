@@ -342,6 +342,7 @@ def test_gluon_gemm_every_config(enc, m, k, n, silu, bias, dt, b):
     il = interleave4(*parts)
     cfgs = [c for c in ops._gemm_candidates(m, b, "il4") if c.get("WG") and ops.wg_config_ok(c, silu)]
     assert cfgs, "no Gluon GEMM config offered"
+    assert any(c.get("WS") for c in cfgs) or not ops.GEMM_WS, "no warp-specialized config offered"
     orig = ops._gemm_candidates
     bad = []
     try:

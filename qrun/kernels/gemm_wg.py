@@ -128,6 +128,22 @@ def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, s, c, gsc,
 
 
 @gluon.jit
+def _row_groups(r0, N_OUT, stride_sn, stride_zn, G: gl.constexpr, SILU: gl.constexpr, V3: gl.constexpr):
+    """The G row groups of a tile from output row r0: which are in range, and their scales' and zeros' offsets
+    (_scales). With SILU, groups 0 .. G/2 - 1 are gate rows and G/2 .. G - 1 the same rows of up (+ N_OUT)."""
+    g0 = r0 // 4
+    i = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, V3)))
+    if SILU:
+        h = i // (G // 2)
+        ro = r0 + 4 * (i % (G // 2))                                     # output row of the group's first row
+        grp = g0 + i % (G // 2) + h * (N_OUT // 4)
+    else:
+        ro = r0 + 4 * i
+        grp = g0 + i
+    return ro < N_OUT, grp * (4 * stride_sn), grp * (4 * stride_zn)
+
+
+@gluon.jit
 def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, r0, N_OUT, off_m, NK, stride_sn, stride_zn,
                 B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
@@ -148,17 +164,7 @@ def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, r0, N_OUT, off_m
 
     g0 = r0 // 4
     gu = (r0 + N_OUT) // 4  # the up rows' groups (N_OUT is a multiple of 4)
-    i = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, V3)))
-    if SILU:  # groups 0 .. G/2 - 1 gate, G/2 .. G - 1 up, for the same output rows
-        h = i // (G // 2)
-        ro = r0 + 4 * (i % (G // 2))                                     # output row of the group's first row
-        grp = g0 + i % (G // 2) + h * (N_OUT // 4)
-    else:
-        ro = r0 + 4 * i
-        grp = g0 + i
-    rmask = ro < N_OUT
-    gsc = grp * (4 * stride_sn)
-    gzr = grp * (4 * stride_zn)
+    rmask, gsc, gzr = _row_groups(r0, N_OUT, stride_sn, stride_zn, G, SILU, V3)
 
     for j in gl.static_range(D):  # prologue: tiles 0 .. D - 1 in flight
         if j < NK:
@@ -182,6 +188,46 @@ def _reinterpret_name():
     """shared_memory_descriptor.reinterpret from triton 3.7 on, _reinterpret before."""
     from triton.experimental.gluon.language._core import shared_memory_descriptor
     return "new" if hasattr(shared_memory_descriptor, "reinterpret") else "old"
+
+
+@gluon.jit
+def _store_tile(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
+                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr,
+                num_warps: gl.constexpr):
+    """The epilogue: acc (BLOCK_N, BLOCK_M) float32 is a y^T tile (output rows x tokens; with SILU its first
+    BLOCK_N / 2 rows gate, the rest the same rows of up) -> y[off_m :, r0 :] (+ bias, or silu(gate) * up), stored
+    along n (contiguous in y), 8 outputs a thread. xs: the x buffers, free now (every wgmma has retired)."""
+    DT: gl.constexpr = xs.dtype
+    NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N  # output rows
+    TN: gl.constexpr = NR // 8 if NR // 8 < 32 else 32
+    YL: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[TN, 32 // TN],
+                                        warps_per_cta=[1, num_warps], order=[0, 1])
+    if SILU:
+        # gate rows are the accumulator's first half (the first warpgroup's), up rows the second: through
+        # shared memory (the x buffers) to pair them up
+        gl.static_assert(STAGES * 64 * 2 >= BLOCK_N * 4, "the x buffers must hold the float32 accumulator")
+        _cta_barrier()
+        EL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        if _reinterpret_name() == "new":
+            buf = xs.reinterpret(gl.float32, [BLOCK_N, BLOCK_M], EL)
+        else:
+            buf = xs._reinterpret(gl.float32, [BLOCK_N, BLOCK_M], EL)
+        buf.store(acc)
+        _cta_barrier()
+        gate = buf.slice(0, NR).load(YL)
+        up = buf.slice(NR, NR).load(YL)
+        out = gate / (1.0 + gl.exp(-gate)) * up
+    else:
+        out = gl.convert_layout(acc, YL)
+    rows = r0 + gl.arange(0, NR, layout=gl.SliceLayout(1, YL))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, YL))
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + rows, mask=rows < N_OUT, other=0.0).to(gl.float32)[:, None]
+    yp = y_ptr + offs_m[None, :] * stride_ym + rows[:, None]
+    if EVEN:
+        gl.store(yp, out.to(DT))
+    else:
+        gl.store(yp, out.to(DT), mask=(rows < N_OUT)[:, None] & (offs_m < M)[None, :])
 
 
 @gluon.jit
@@ -214,36 +260,170 @@ def gemm_il4_wg_kernel(
                       B, ASYM, SILU, EVEN, BLOCK_N, BLOCK_M, STAGES, num_warps)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    # y^T tile: stores along n (contiguous in y), 8 outputs a thread
-    TN: gl.constexpr = NR // 8 if NR // 8 < 32 else 32
-    YL: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[TN, 32 // TN],
-                                        warps_per_cta=[1, num_warps], order=[0, 1])
+    _store_tile(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, BLOCK_N, BLOCK_M, STAGES,
+                EVEN, num_warps)
+
+
+# ---- warp-specialized variant: dequantization in its own warps ----------------------------------------------
+# gemm_il4_wg_kernel's eight warps dequantize a tile, fence, meet at CTA barriers and only then issue its
+# wgmmas: a K step of 128 x 256 x 64 took ~1650 cycles for ~1024 of MMA (PERF.md attempt 66). Here the warps
+# are split by task (gl.warp_specialize), and the tensor cores only wait when the dequantization falls behind:
+#   - the default partition (num_warps, 2 warpgroups at BLOCK_N = 128) waits for a dequantized W tile and an x
+#     tile, issues the wgmmas, and once tile t - 1's have retired frees its W buffer and loads x tile
+#     t - 1 + STAGES into its x buffer (TMA); then the epilogue;
+#   - the dequantization partition (DQ_WARPS warps) loads the packed W tiles (TMA, QSTAGES buffers) and turns
+#     them into bf16 W tiles in a ring of WSTAGES buffers; scales by plain loads a step ahead.
+# No partition of its own for the loads: 8 + 4 warps leave 168 registers a thread (65536 / 384), which the MMA
+# warps' 64 x 256 float32 accumulator needs; ptxas allocates every partition under the kernel's one limit.
+# The hand-offs are mbarriers (x and packed W: the TMA's bytes; a W tile ready: the dequantization's arrival;
+# a W buffer free: the MMA partition's). An arrival comes from one thread, after a barrier of its partition's
+# warps.
+
+
+@gluon.jit
+def _ws_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, stride_sn, stride_zn,
+                B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr):
+    """Packed W tile t (buffer t % QSTAGES) -> dequantized W tile t in ws[t % WSTAGES], once the wgmmas of tile
+    t - WSTAGES have retired. A thread dequantizes 16-byte il4 chunks (4 rows x 8 k), as gemm_il4_wg_kernel."""
+    NW: gl.constexpr = gl.num_warps()
+    QS: gl.constexpr = wq.shape[0]
+    WST: gl.constexpr = ws.shape[0]
+    G: gl.constexpr = wq.shape[1]
+    DT: gl.constexpr = ws.dtype
+    QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
+                                        order=[1, 0])
+    Q3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 4], threads_per_warp=[4, 1, 8],
+                                        warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
+    V3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 8], threads_per_warp=[4, 1, 8],
+                                        warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
+    rmask, gsc, gzr = _row_groups(r0, N_OUT, stride_sn, stride_zn, G, SILU, V3)
+    # scales two tiles ahead, loaded right after a step's fence: the fence (fence.proxy.async is MEMBAR.ALL.CTA
+    # + FENCE.VIEW.ASYNC in SASS) waits for every load of the thread still in flight, so loads issued just
+    # before it would put their whole latency on this partition's path each step
+    s, c = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
+    sn, cn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(1, NK - 1), B, ASYM, EVEN, V3)
+    for t in range(NK):
+        i = t % QS
+        j = t % WST
+        mbarrier.wait(q_ready.index(i), (t // QS) & 1)
+        q = wq.index(i).load(QL)
+        v = _dequant(q, s, c, ASYM, DT, Q3, V3)
+        mbarrier.wait(w_empty.index(j), ((t // WST) & 1) ^ 1)  # a fresh barrier passes parity 1
+        ws.index(j).store(v)
+        fence_async_shared()  # the stores, before the wgmmas (async proxy) read them
+        _cta_barrier()
+        mbarrier.arrive(w_ready.index(j), count=1)
+        s = sn
+        c = cn
+        sn, cn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(t + 2, NK - 1), B, ASYM, EVEN, V3)
+
+
+@gluon.jit
+def _w_load(w_desc, wq, q_ready, t, g0, gu, SILU: gl.constexpr):
+    """Packed W tile t (BLOCK_N / 4 row groups x 128 bytes; with SILU half from the gate rows' groups g0, half
+    from the up rows' gu) into buffer t % QSTAGES."""
+    i = t % wq.shape[0]
+    GB: gl.constexpr = w_desc.block_type.shape[0]
+    NB: gl.constexpr = wq.shape[1] * wq.shape[2]  # bytes a tile (with SILU: two loads of half that)
+    mbarrier.expect(q_ready.index(i), NB)
     if SILU:
-        # gate rows are the accumulator's first half (the first warpgroup's), up rows the second: through
-        # shared memory (the x buffers, free now: every wgmma has retired) to pair them up
-        gl.static_assert(STAGES * 64 * 2 >= BLOCK_N * 4, "the x buffers must hold the float32 accumulator")
-        _cta_barrier()
-        EL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        if _reinterpret_name() == "new":
-            buf = xs.reinterpret(gl.float32, [BLOCK_N, BLOCK_M], EL)
-        else:
-            buf = xs._reinterpret(gl.float32, [BLOCK_N, BLOCK_M], EL)
-        buf.store(acc)
-        _cta_barrier()
-        gate = buf.slice(0, NR).load(YL)
-        up = buf.slice(NR, NR).load(YL)
-        out = gate / (1.0 + gl.exp(-gate)) * up
+        _tma_load(w_desc, [g0, t * 128], q_ready.index(i), wq.index(i).slice(0, GB))
+        _tma_load(w_desc, [gu, t * 128], q_ready.index(i), wq.index(i).slice(GB, GB))
     else:
-        out = gl.convert_layout(acc, YL)
-    rows = r0 + gl.arange(0, NR, layout=gl.SliceLayout(1, YL))
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, YL))
-    if HAS_BIAS:
-        out += gl.load(bias_ptr + rows, mask=rows < N_OUT, other=0.0).to(gl.float32)[:, None]
-    yp = y_ptr + offs_m[None, :] * stride_ym + rows[:, None]
-    if EVEN:
-        gl.store(yp, out.to(DT))
-    else:
-        gl.store(yp, out.to(DT), mask=(rows < N_OUT)[:, None] & (offs_m < M)[None, :])
+        _tma_load(w_desc, [g0, t * 128], q_ready.index(i), wq.index(i))
+
+
+@gluon.jit
+def _x_load(x_desc, xs, x_ready, t, off_m):
+    i = t % xs.shape[0]
+    mbarrier.expect(x_ready.index(i), x_desc.block_type.nbytes)
+    _tma_load(x_desc, [off_m, t * 64], x_ready.index(i), xs.index(i))
+
+
+@gluon.jit
+def _ws_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, off_m, g0, gu, NK,
+            SILU: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+    """The default partition: acc (BLOCK_N, BLOCK_M) float32 = W tile @ x tile^T over every K tile, one wgmma
+    group in flight beside the one being issued. It also issues the TMA loads, x and packed W: once tile t - 1's
+    wgmmas have retired, the dequantization has long read packed tile t - 1 too (it wrote W tile t - 1 from it
+    before arriving on w_ready), so both its buffers are free. Issued here rather than where the packed tiles
+    are read, because there triton would put a proxy fence (a MEMBAR, which waits for the scale loads in
+    flight) before each TMA; and not in a partition of their own, which would cost a warpgroup's registers."""
+    ST: gl.constexpr = xs.shape[0]
+    QS: gl.constexpr = wq.shape[0]
+    WST: gl.constexpr = ws.shape[0]
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    for t in gl.static_range(QS):  # prologue: packed W tiles 0 .. QS - 1 and x tiles 0 .. ST - 1 in flight
+        if t < NK:
+            _w_load(w_desc, wq, q_ready, t, g0, gu, SILU)
+    for t in gl.static_range(ST):
+        if t < NK:
+            _x_load(x_desc, xs, x_ready, t, off_m)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    # tile 0, peeled: the accumulator's first value comes from a wgmma (use_acc=False), so no zeros reach the
+    # last wait past a zero-trip loop (ptxas would serialize every wgmma: its info C7515, PERF.md attempt 61)
+    mbarrier.wait(w_ready.index(0), 0)
+    mbarrier.wait(x_ready.index(0), 0)
+    acc = warpgroup_mma(ws.index(0), xs.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
+    acc = warpgroup_mma_wait(1, deps=[acc])  # returns at once (one group in flight), as a tensor
+    for t in range(1, NK):
+        mbarrier.wait(w_ready.index(t % WST), (t // WST) & 1)
+        mbarrier.wait(x_ready.index(t % ST), (t // ST) & 1)
+        acc = warpgroup_mma(ws.index(t % WST), xs.index(t % ST).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])  # this warpgroup's tile t - 1 retired
+        _cta_barrier()                           # and the other's: tile t - 1's buffers are free
+        mbarrier.arrive(w_empty.index((t - 1) % WST), count=1)
+        if t - 1 + ST < NK:
+            _x_load(x_desc, xs, x_ready, t - 1 + ST, off_m)
+        if t - 1 + QS < NK:
+            _w_load(w_desc, wq, q_ready, t - 1 + QS, g0, gu, SILU)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    return (acc,)  # a partition's results are a tuple
+
+
+@gluon.jit
+def gemm_il4_ws_kernel(
+    # as gemm_il4_wg_kernel
+    x_desc, w_desc, s_ptr, z_ptr, bias_ptr, y_ptr,
+    M, N_OUT, stride_sn, stride_zn, stride_ym,
+    B: gl.constexpr, ASYM: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
+    BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QSTAGES: gl.constexpr,
+    WSTAGES: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, EVEN: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """gemm_il4_wg_kernel's tile with its work split among warp-specialized partitions (above). STAGES x
+    buffers, QSTAGES packed W buffers, WSTAGES dequantized W buffers; DQ_WARPS warps dequantize, with DQ_REGS
+    registers a thread (the MMA warps get the rest of the kernel's maxnreg budget)."""
+    DT: gl.constexpr = x_desc.dtype
+    NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N  # output rows a program
+    r0 = gl.program_id(0) * NR
+    off_m = gl.program_id(1) * BLOCK_M
+    NK = x_desc.shape[1] // 64
+    xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    wq = gl.allocate_shared_memory(gl.uint8, [QSTAGES, BLOCK_N // 4, 128], w_desc.layout)
+    WS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ws = gl.allocate_shared_memory(DT, [WSTAGES, BLOCK_N, 64], WS)
+    # one allocation a ring, so that the compiler's barrier analysis sees them apart
+    x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [QSTAGES, 1], mbarrier.MBarrierLayout())
+    w_ready = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
+    w_empty = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(x_ready.index(i), count=1)
+    for i in gl.static_range(QSTAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+    for i in gl.static_range(WSTAGES):
+        mbarrier.init(w_ready.index(i), count=1)
+        mbarrier.init(w_empty.index(i), count=1)
+    acc, = gl.warp_specialize([
+        (_ws_mma, (x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, off_m, r0 // 4,
+                   (r0 + N_OUT) // 4, NK, SILU, BLOCK_N, BLOCK_M, num_warps)),
+        (_ws_dequant, (s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, stride_sn,
+                       stride_zn, B, ASYM, SILU, EVEN)),
+    ], [DQ_WARPS], [DQ_REGS])
+    _store_tile(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, BLOCK_N, BLOCK_M, STAGES,
+                EVEN, num_warps)
 
 
 def descriptors(x2, qweight, block_n: int, block_m: int, silu: bool = False):

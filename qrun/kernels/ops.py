@@ -19,9 +19,9 @@ from qrun.quant import NF4_CODE
 
 from .gemm import gemm_kernel
 try:  # Gluon (triton >= 3.5); the launcher falls back to gemm_kernel without it
-    from .gemm_wg import descriptors as wg_descriptors, gemm_il4_wg_kernel
+    from .gemm_wg import descriptors as wg_descriptors, gemm_il4_wg_kernel, gemm_il4_ws_kernel
 except ImportError:  # pragma: no cover - depends on the installed triton
-    gemm_il4_wg_kernel = wg_descriptors = None
+    gemm_il4_wg_kernel = gemm_il4_ws_kernel = wg_descriptors = None
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
@@ -50,6 +50,8 @@ GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
 # 1 (default): the Gluon GEMM (gemm_wg.py: il4 int4, M > 64, sm_90) joins the configs timed for the GEMM. 0 leaves
 # it out (A/B timing).
 GEMM_WG = os.environ.get("QRUN_GEMM_WG", "1") == "1"
+# 1 (default): with it, its warp-specialized variant (gemm_wg.gemm_il4_ws_kernel); 0 leaves that out.
+GEMM_WS = os.environ.get("QRUN_GEMM_WS", "1") == "1"
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -391,6 +393,13 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
         # the Gluon GEMM (gemm_wg.py), first: (BLOCK_N, BLOCK_M, warps, x buffers). The launcher drops these
         # where the kernel does not apply (_wg_applies), and for gate+up those whose x buffers cannot hold the
         # float32 accumulator for the SILU epilogue (buffers x 32 < BLOCK_N).
+        # Its warp-specialized variant (gemm_il4_ws_kernel) first of all: (BLOCK_N, BLOCK_M, x buffers, packed W
+        # buffers, W buffers), 8 MMA warps and 4 dequantizing warps at 168 registers a thread (12 warps: the
+        # register file's 65536 / 384).
+        ws_cfgs = ((128, 256, 4, 6, 2), (128, 256, 4, 6, 3), (128, 128, 6, 6, 3)) if GEMM_WS else ()
+        for bn, bm, st, qs, wst in ws_cfgs:
+            out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=8, num_stages=st,
+                            QSTAGES=qs, WSTAGES=wst, DQ_WARPS=4, maxnreg=168, WG=True, WS=True))
         for bn, bm, warps, stages in ((128, 256, 8, 4), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 4, 4),
                                       (128, 64, 8, 4)):
             out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=warps, num_stages=stages,
@@ -589,11 +598,16 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             xd, wd = wg_descriptors(x2, qweight, c["BLOCK_N"], c["BLOCK_M"], silu)
             nr = c["BLOCK_N"] // 2 if silu else c["BLOCK_N"]  # output rows a program (SILU: gate and up rows)
             grid = (triton_cdiv(n_out, nr), triton_cdiv(m, c["BLOCK_M"]))
-            LAST["gemm"] = gemm_il4_wg_kernel[grid](
-                xd, wd, scales, z, b, out, m, n_out, scales.stride(0), z.stride(0), out.stride(0), B=block_size,
-                ASYM=encoding == "int4_asym", HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=c["BLOCK_N"],
-                BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
-                EVEN=m % c["BLOCK_M"] == 0 and n_out % nr == 0, num_warps=c["num_warps"])
+            args = (xd, wd, scales, z, b, out, m, n_out, scales.stride(0), z.stride(0), out.stride(0))
+            common_c = dict(B=block_size, ASYM=encoding == "int4_asym", HAS_BIAS=bias is not None, SILU=silu,
+                            BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
+                            EVEN=m % c["BLOCK_M"] == 0 and n_out % nr == 0, num_warps=c["num_warps"])
+            if c.get("WS"):
+                LAST["gemm"] = gemm_il4_ws_kernel[grid](
+                    *args, QSTAGES=c["QSTAGES"], WSTAGES=c["WSTAGES"], DQ_WARPS=c["DQ_WARPS"], DQ_REGS=c["maxnreg"],
+                    maxnreg=c["maxnreg"], **common_c)
+            else:
+                LAST["gemm"] = gemm_il4_wg_kernel[grid](*args, **common_c)
             return out
         split = split_of(c)
         if out is None:
