@@ -268,7 +268,7 @@ def gemm_wg_variants():
                 continue
             types = ptrs(("s_ptr", "z_ptr", "bias_ptr", "y_ptr"), dt, s_ptr="*fp16", z_ptr="*u8")
             types["x_desc"] = f"tensordesc<{dt}[{bm}, 64],{xl!r}>"
-            types["w_desc"] = f"tensordesc<u8[{bn // 8 if silu else bn // 4}, 128],{wl!r}>"
+            types["w_desc"] = f"tensordesc<i32[{bn // 8 if silu else bn // 4}, 32],{wl!r}>"
             yield (kernel, types,
                    dict(B=128, ASYM=asym, HAS_BIAS=not silu, SILU=silu, BLOCK_N=bn, BLOCK_M=bm,
                         STAGES=c["num_stages"], EVEN=even, num_warps=c["num_warps"], **extra), c["num_warps"], 1)

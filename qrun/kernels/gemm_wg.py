@@ -36,17 +36,18 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 # shared-memory layouts of the TMA boxes: x (BLOCK_M, 64) with 128-byte swizzle (wgmma's B operand); the packed W
-# (BLOCK_N / 4, 128) bytes unswizzled (the threads read 16-byte chunks)
+# (BLOCK_N / 4, 32) int32 words unswizzled (the threads read 16-byte chunks)
 X_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-W_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+W_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 @gluon.jit
 def _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt, B: gl.constexpr, ASYM: gl.constexpr, EVEN: gl.constexpr,
             V3: gl.constexpr):
-    """Per row of K tile kt: the scale s and the offset c = -zero * s, float32 (BLOCK_N / 4, 4) [g, j] in
-    SliceLayout(2, V3), so that w = value * s + c. gsc/gzr: the row groups' offsets; scales and zeros [n, b] of
-    il4 sit at (n // 4) * 4 * stride + 4 b + n % 4."""
+    """Per row of K tile kt, float32 (BLOCK_N / 4, 4) [g, j] in SliceLayout(2, V3), the two (scale, offset) pairs
+    of _dequant: 2**11 s, -(zero + 2**11) s and 2**7 s, -(zero + 2**7) s, s the scale (sym: zero 8). Each is
+    exact in float32 (an fp16 scale times an integer of at most 12 bits). gsc/gzr: the row groups' offsets;
+    scales and zeros [n, b] of il4 sit at (n // 4) * 4 * stride + 4 b + n % 4."""
     j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, V3)))
     b4 = (kt * 64) // B * 4
     if EVEN:
@@ -58,28 +59,50 @@ def _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt, B: gl.constexpr, ASYM: gl.constex
             z = gl.load(z_ptr + gzr[:, None] + b4 + j[None, :]).to(gl.float32)
         else:
             z = gl.load(z_ptr + gzr[:, None] + b4 + j[None, :], mask=rmask[:, None], other=0).to(gl.float32)
-        c = -z * s
     else:
-        c = -8.0 * s
-    return s, c
+        z = gl.full(s.shape, 8.0, gl.float32, s.type.layout)
+    return 2048.0 * s, -(z + 2048.0) * s, 128.0 * s, -(z + 128.0) * s
 
 
 @gluon.jit
-def _dequant(q, s, c, ASYM: gl.constexpr, DT: gl.constexpr, Q3: gl.constexpr, V3: gl.constexpr):
-    """Packed bytes uint8 (G, 128) of a K tile in il4 order (element [g, e]: byte e % 4 of row 4 g + (e // 4) % 4
-    at byte column 4 (e // 16) + e % 4) and per-row s, c (G, 4) -> DT (4 G, 64), rows and k in order. Integers
-    become floats through the exponent trick (dequant.py): (0x4B000000 | u) as float32 is 2**23 + u. The
-    reshapes only rename registers (asserted): a thread keeps its 16 bytes, 4 rows x 8 k."""
-    G: gl.constexpr = q.shape[0]
-    q = gl.reshape(q, [G, 8, 4, 4])                                     # [g, word column w, row j, byte]
-    q = gl.convert_layout(gl.reshape(gl.permute(q, [0, 2, 1, 3]), [G, 4, 32]), Q3, assert_trivial=True)
-    q32 = q.to(gl.int32)
+def _one_bits(n):
+    """0x3F800000, the bits of 1.0, for any n >= 0 (a kernel argument, whose range the compiler does not know),
+    as a runtime value: _dequant's and-or then compiles to one LOP3, a register holding it."""
+    return gl.where(n >= 0, 0x3F800000, 0)
+
+
+@gluon.jit
+def _dequant(w, sc, one, ASYM: gl.constexpr, DT: gl.constexpr, V3: gl.constexpr):
+    """Packed il4 words int32 (G, 32) of a K tile (word [g, 4 c + j]: k 8 c .. 8 c + 7 of row 4 g + j, nibble i at
+    bits 4 i; a thread holds the 4 words of one c) and the rows' _scales sc -> DT (4 G, 64), rows and k in order.
+    Nibble u becomes a float without a conversion: shifted to bits 12-15 (or 16-19) and or-ed into 1.0's
+    mantissa, it reads as 1 + u 2**-11 (1 + u 2**-7), and one FFMA with 2**11 s, -(zero + 2**11) s makes (u - zero)
+    s of it. Its product and its addend are exact in float32, so the result is the one rounding of (u - zero) s,
+    as before; ~3 instructions a value (a shift per two nibbles, an and-or, an FFMA, half a pack) instead of ~8
+    (PERF.md attempt 69). The reshapes only rename registers (asserted). one: 0x3F800000 (1.0's bits) as a value
+    the compiler cannot see (_one_bits), so that the and-or is one LOP3 (mask immediate, 1.0 in a register)
+    rather than two (a LOP3 takes one immediate)."""
+    G: gl.constexpr = w.shape[0]
+    s11, c11, s7, c7 = sc
+    w = gl.permute(gl.reshape(w, [G, 8, 4]), [0, 2, 1])                 # [g, j, c]
     if not ASYM:
-        q32 = q32 ^ 0x88  # two's complement nibbles n -> n + 8 in [0, 15]
-    lo = ((q32 & 0xF) | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
-    hi = (((q32 >> 4) & 0xF) | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
-    v = gl.convert_layout(gl.reshape(gl.join(lo, hi), [G, 4, 64]), V3, assert_trivial=True)  # [g, j, k]
-    v = v * s[:, :, None] + c[:, :, None]
+        w = w ^ -2004318072  # 0x88888888: two's complement nibbles n -> n + 8 in [0, 15]
+    # nibbles 2 p and 2 p + 1 of the word at bits 12-15 and 16-19 (arithmetic shifts: the bits they bring in
+    # are masked off below)
+    a = gl.join(gl.join(w << 12, w >> 4), gl.join(w << 4, w >> 12))     # [g, j, c, p // 2, p % 2]
+    NW: gl.constexpr = V3.warps_per_cta[0]
+    VH: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 4], threads_per_warp=[4, 1, 8],
+                                        warps_per_cta=[NW, 1, 1], order=[2, 1, 0])  # [g, j, 4 c + p]
+    SH: gl.constexpr = gl.SliceLayout(2, VH)
+    lo = ((a & 0xF000) | one).to(gl.float32, bitcast=True)              # 1 + u 2**-11, u nibble 2 p
+    hi = ((a & 0xF0000) | one).to(gl.float32, bitcast=True)             # 1 + u 2**-7, u nibble 2 p + 1
+    lo = gl.convert_layout(gl.reshape(lo, [G, 4, 32]), VH, assert_trivial=True)
+    hi = gl.convert_layout(gl.reshape(hi, [G, 4, 32]), VH, assert_trivial=True)
+    lo = lo * gl.convert_layout(s11, SH, assert_trivial=True)[:, :, None] \
+        + gl.convert_layout(c11, SH, assert_trivial=True)[:, :, None]
+    hi = hi * gl.convert_layout(s7, SH, assert_trivial=True)[:, :, None] \
+        + gl.convert_layout(c7, SH, assert_trivial=True)[:, :, None]
+    v = gl.convert_layout(gl.reshape(gl.join(lo, hi), [G, 4, 64]), V3, assert_trivial=True)  # k = 8 c + 2 p + h
     return gl.reshape(v.to(DT), [4 * G, 64])
 
 
@@ -93,16 +116,16 @@ def _tma_tiles(x_desc, w_desc, xs, wq, bars, kt, off_m, g0, gu, SILU: gl.constex
     mbarrier.expect(bars.index(i), x_desc.block_type.nbytes + (2 if SILU else 1) * w_desc.block_type.nbytes)
     _tma_load(x_desc, [off_m, kt * 64], bars.index(i), xs.index(i))
     if SILU:
-        _tma_load(w_desc, [g0, kt * 128], bars.index(i), wq.index(i).slice(0, GB))
-        _tma_load(w_desc, [gu, kt * 128], bars.index(i), wq.index(i).slice(GB, GB))
+        _tma_load(w_desc, [g0, kt * 32], bars.index(i), wq.index(i).slice(0, GB))
+        _tma_load(w_desc, [gu, kt * 32], bars.index(i), wq.index(i).slice(GB, GB))
     else:
-        _tma_load(w_desc, [g0, kt * 128], bars.index(i), wq.index(i))
+        _tma_load(w_desc, [g0, kt * 32], bars.index(i), wq.index(i))
 
 
 @gluon.jit
-def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, s, c, gsc, gzr, rmask, off_m, g0, gu,
+def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, sc, one, gsc, gzr, rmask, off_m, g0, gu,
           B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, STAGES: gl.constexpr,
-          QL: gl.constexpr, Q3: gl.constexpr, V3: gl.constexpr, USE_ACC: gl.constexpr):
+          QL: gl.constexpr, V3: gl.constexpr, USE_ACC: gl.constexpr):
     """K tile t: dequantize the W tile into a wgmma buffer, issue the TMA loads STAGES - 2 tiles ahead and the
     wgmmas, and wait until only this tile's are in flight."""
     DT: gl.constexpr = x_desc.dtype
@@ -110,11 +133,11 @@ def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, s, c, gsc,
     i = t % STAGES
     tn = gl.minimum(t + 1, NK - 1)  # the next tile (a harmless reload of the last one at the end)
     # the next tile's scales now, so that their latency passes under this tile's dequantization
-    sn, cn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, tn, B, ASYM, EVEN, V3)
+    scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, tn, B, ASYM, EVEN, V3)
     mbarrier.wait(bars.index(i), (t // STAGES) & 1)                      # x and W tile t have landed
     # W tile t into wgmma buffer t % 2: the wgmmas that read it last (tile t - 2) retired at this warpgroup's
     # wait in step t - 1, and each warpgroup reads only the rows its own warps write
-    ws.index(t % 2).store(_dequant(wq.index(i).load(QL), s, c, ASYM, DT, Q3, V3))
+    ws.index(t % 2).store(_dequant(wq.index(i).load(QL), sc, one, ASYM, DT, V3))
     fence_async_shared()  # the stores above, before the wgmmas (async proxy) read them
     # every warp has stored its rows and read its W bytes of tile t, and every warpgroup has retired tile
     # t - 2's wgmmas, so buffer (t + D) % STAGES = (t - 2) % STAGES is free for tile t + D
@@ -124,7 +147,7 @@ def _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, s, c, gsc,
     xv = xs.index(i).permute((1, 0))                                     # (64, BLOCK_M), K-major
     acc = warpgroup_mma(ws.index(t % 2), xv, acc, use_acc=USE_ACC, is_async=True)
     acc = warpgroup_mma_wait(1, deps=[acc])                              # tile t - 1's group retired
-    return acc, sn, cn
+    return acc, scn
 
 
 @gluon.jit
@@ -151,12 +174,10 @@ def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, r0, N_OUT, off_m
     r0 .. r0 + BLOCK_N, or with SILU the gate rows r0 .. r0 + BLOCK_N / 2 then the same rows of up (+ N_OUT)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    # W: one thread a 16-byte chunk of a 4-row group (8 threads cover a group's 128 bytes of a K tile), the
-    # same bytes as [g, j, byte column] (Q3) and, dequantized, as [g, j, k] (V3)
-    QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8],
+    # W: one thread a 16-byte chunk of a 4-row group (8 threads cover a group's 32 words of a K tile): 4 words,
+    # one a row (QL); dequantized, [g, j, k] (V3)
+    QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8],
                                         warps_per_cta=[num_warps, 1], order=[1, 0])
-    Q3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 4], threads_per_warp=[4, 1, 8],
-                                        warps_per_cta=[num_warps, 1, 1], order=[2, 1, 0])
     V3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 8], threads_per_warp=[4, 1, 8],
                                         warps_per_cta=[num_warps, 1, 1], order=[2, 1, 0])
     D: gl.constexpr = STAGES - 2  # tiles in flight ahead of the one being multiplied
@@ -169,16 +190,17 @@ def _gemm_tiles(x_desc, w_desc, s_ptr, z_ptr, xs, wq, ws, bars, r0, N_OUT, off_m
     for j in gl.static_range(D):  # prologue: tiles 0 .. D - 1 in flight
         if j < NK:
             _tma_tiles(x_desc, w_desc, xs, wq, bars, j, off_m, g0, gu, SILU, STAGES)
-    s, c = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
+    sc = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
+    one = _one_bits(N_OUT)
 
     # tile 0, peeled: the accumulator's first value comes from a wgmma (use_acc=False); zeros flowing past a
     # zero-trip loop into the last wait make ptxas serialize every wgmma (its info C7515, PERF.md attempt 61)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    acc, s, c = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, 0, NK, acc, s, c, gsc, gzr, rmask, off_m, g0,
-                      gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3, V3, False)
+    acc, sc = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, 0, NK, acc, sc, one, gsc, gzr, rmask, off_m, g0,
+                    gu, B, ASYM, SILU, EVEN, STAGES, QL, V3, False)
     for t in range(1, NK):
-        acc, s, c = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, s, c, gsc, gzr, rmask, off_m,
-                          g0, gu, B, ASYM, SILU, EVEN, STAGES, QL, Q3, V3, True)
+        acc, sc = _step(s_ptr, z_ptr, x_desc, w_desc, xs, wq, ws, bars, t, NK, acc, sc, one, gsc, gzr, rmask, off_m,
+                        g0, gu, B, ASYM, SILU, EVEN, STAGES, QL, V3, True)
     acc = warpgroup_mma_wait(0, deps=[acc])
     return acc
 
@@ -250,7 +272,7 @@ def gemm_il4_wg_kernel(
     off_m = gl.program_id(1) * BLOCK_M
     NK = x_desc.shape[1] // 64
     xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    wq = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N // 4, 128], w_desc.layout)
+    wq = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N // 4, 32], w_desc.layout)
     WS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     ws = gl.allocate_shared_memory(DT, [2, BLOCK_N, 64], WS)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -282,7 +304,7 @@ def gemm_il4_wg_kernel(
 
 @gluon.jit
 def _ws_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, stride_sn, stride_zn,
-                B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr):
+                B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, KNOCK: gl.constexpr):
     """Packed W tile t (buffer t % QSTAGES) -> dequantized W tile t in ws[t % WSTAGES], once the wgmmas of tile
     t - WSTAGES have retired. A thread dequantizes 16-byte il4 chunks (4 rows x 8 k), as gemm_il4_wg_kernel."""
     NW: gl.constexpr = gl.num_warps()
@@ -290,32 +312,34 @@ def _ws_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, 
     WST: gl.constexpr = ws.shape[0]
     G: gl.constexpr = wq.shape[1]
     DT: gl.constexpr = ws.dtype
-    QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
+    QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
                                         order=[1, 0])
-    Q3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 4], threads_per_warp=[4, 1, 8],
-                                        warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
     V3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 8], threads_per_warp=[4, 1, 8],
                                         warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
     rmask, gsc, gzr = _row_groups(r0, N_OUT, stride_sn, stride_zn, G, SILU, V3)
     # scales two tiles ahead, loaded right after a step's fence: the fence (fence.proxy.async is MEMBAR.ALL.CTA
     # + FENCE.VIEW.ASYNC in SASS) waits for every load of the thread still in flight, so loads issued just
     # before it would put their whole latency on this partition's path each step
-    s, c = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
-    sn, cn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(1, NK - 1), B, ASYM, EVEN, V3)
+    sc = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
+    scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(1, NK - 1), B, ASYM, EVEN, V3)
+    one = _one_bits(N_OUT)
     for t in range(NK):
         i = t % QS
         j = t % WST
         mbarrier.wait(q_ready.index(i), (t // QS) & 1)
-        q = wq.index(i).load(QL)
-        v = _dequant(q, s, c, ASYM, DT, Q3, V3)
+        if KNOCK != 1:
+            q = wq.index(i).load(QL)
+            v = _dequant(q, sc, one, ASYM, DT, V3)
         mbarrier.wait(w_empty.index(j), ((t // WST) & 1) ^ 1)  # a fresh barrier passes parity 1
-        ws.index(j).store(v)
-        fence_async_shared()  # the stores, before the wgmmas (async proxy) read them
+        if KNOCK != 1:
+            ws.index(j).store(v)
+        if KNOCK != 3:
+            fence_async_shared()  # the stores, before the wgmmas (async proxy) read them
         _cta_barrier()
         mbarrier.arrive(w_ready.index(j), count=1)
-        s = sn
-        c = cn
-        sn, cn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(t + 2, NK - 1), B, ASYM, EVEN, V3)
+        if KNOCK != 4:
+            sc = scn
+            scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(t + 2, NK - 1), B, ASYM, EVEN, V3)
 
 
 @gluon.jit
@@ -324,13 +348,13 @@ def _w_load(w_desc, wq, q_ready, t, g0, gu, SILU: gl.constexpr):
     from the up rows' gu) into buffer t % QSTAGES."""
     i = t % wq.shape[0]
     GB: gl.constexpr = w_desc.block_type.shape[0]
-    NB: gl.constexpr = wq.shape[1] * wq.shape[2]  # bytes a tile (with SILU: two loads of half that)
+    NB: gl.constexpr = wq.shape[1] * wq.shape[2] * 4  # bytes a tile (with SILU: two loads of half that)
     mbarrier.expect(q_ready.index(i), NB)
     if SILU:
-        _tma_load(w_desc, [g0, t * 128], q_ready.index(i), wq.index(i).slice(0, GB))
-        _tma_load(w_desc, [gu, t * 128], q_ready.index(i), wq.index(i).slice(GB, GB))
+        _tma_load(w_desc, [g0, t * 32], q_ready.index(i), wq.index(i).slice(0, GB))
+        _tma_load(w_desc, [gu, t * 32], q_ready.index(i), wq.index(i).slice(GB, GB))
     else:
-        _tma_load(w_desc, [g0, t * 128], q_ready.index(i), wq.index(i))
+        _tma_load(w_desc, [g0, t * 32], q_ready.index(i), wq.index(i))
 
 
 @gluon.jit
@@ -342,7 +366,8 @@ def _x_load(x_desc, xs, x_ready, t, off_m):
 
 @gluon.jit
 def _ws_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, off_m, g0, gu, NK,
-            SILU: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+            SILU: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, KNOCK: gl.constexpr,
+            num_warps: gl.constexpr):
     """The default partition: acc (BLOCK_N, BLOCK_M) float32 = W tile @ x tile^T over every K tile, one wgmma
     group in flight beside the one being issued. It also issues the TMA loads, x and packed W: once tile t - 1's
     wgmmas have retired, the dequantization has long read packed tile t - 1 too (it wrote W tile t - 1 from it
@@ -370,8 +395,9 @@ def _ws_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, off_
     for t in range(1, NK):
         mbarrier.wait(w_ready.index(t % WST), (t // WST) & 1)
         mbarrier.wait(x_ready.index(t % ST), (t // ST) & 1)
-        acc = warpgroup_mma(ws.index(t % WST), xs.index(t % ST).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=[acc])  # this warpgroup's tile t - 1 retired
+        if KNOCK != 2:
+            acc = warpgroup_mma(ws.index(t % WST), xs.index(t % ST).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])  # this warpgroup's tile t - 1 retired
         _cta_barrier()                           # and the other's: tile t - 1's buffers are free
         mbarrier.arrive(w_empty.index((t - 1) % WST), count=1)
         if t - 1 + ST < NK:
@@ -390,18 +416,21 @@ def gemm_il4_ws_kernel(
     B: gl.constexpr, ASYM: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QSTAGES: gl.constexpr,
     WSTAGES: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, EVEN: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, KNOCK: gl.constexpr = 0,
 ):
     """gemm_il4_wg_kernel's tile with its work split among warp-specialized partitions (above). STAGES x
     buffers, QSTAGES packed W buffers, WSTAGES dequantized W buffers; DQ_WARPS warps dequantize, with DQ_REGS
-    registers a thread (the MMA warps get the rest of the kernel's maxnreg budget)."""
+    registers a thread (the MMA warps get the rest of the kernel's maxnreg budget).
+    KNOCK (benchmarks/ws_knockout.py only; the result is wrong unless 0): leave one stage out to time the rest.
+    1: no dequantization (the W ring is handed on unwritten), 2: no wgmma, 3: no proxy fence after the W
+    stores, 4: the scales of tile 0 for every tile (no scale loads in the loop)."""
     DT: gl.constexpr = x_desc.dtype
     NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N  # output rows a program
     r0 = gl.program_id(0) * NR
     off_m = gl.program_id(1) * BLOCK_M
     NK = x_desc.shape[1] // 64
     xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    wq = gl.allocate_shared_memory(gl.uint8, [QSTAGES, BLOCK_N // 4, 128], w_desc.layout)
+    wq = gl.allocate_shared_memory(gl.int32, [QSTAGES, BLOCK_N // 4, 32], w_desc.layout)
     WS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     ws = gl.allocate_shared_memory(DT, [WSTAGES, BLOCK_N, 64], WS)
     # one allocation a ring, so that the compiler's barrier analysis sees them apart
@@ -418,9 +447,9 @@ def gemm_il4_ws_kernel(
         mbarrier.init(w_empty.index(i), count=1)
     acc, = gl.warp_specialize([
         (_ws_mma, (x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, off_m, r0 // 4,
-                   (r0 + N_OUT) // 4, NK, SILU, BLOCK_N, BLOCK_M, num_warps)),
+                   (r0 + N_OUT) // 4, NK, SILU, BLOCK_N, BLOCK_M, KNOCK, num_warps)),
         (_ws_dequant, (s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, stride_sn,
-                       stride_zn, B, ASYM, SILU, EVEN)),
+                       stride_zn, B, ASYM, SILU, EVEN, KNOCK)),
     ], [DQ_WARPS], [DQ_REGS])
     _store_tile(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, BLOCK_N, BLOCK_M, STAGES,
                 EVEN, num_warps)
@@ -428,12 +457,13 @@ def gemm_il4_ws_kernel(
 
 def descriptors(x2, qweight, block_n: int, block_m: int, silu: bool = False):
     """The kernel's TMA descriptors: x (M, K) in (BLOCK_M, 64) blocks, 128-byte swizzle (wgmma's B operand), and
-    the packed il4 weight as (N / 4, 2 K) bytes (a 4-row group's K tile is 128 contiguous bytes) in
-    (BLOCK_N / 4, 128) blocks (half that with SILU: gate and up rows come as two loads), unswizzled (the threads
+    the packed il4 weight as (N / 4, K / 2) int32 words (a 4-row group's K tile is 32 contiguous words) in
+    (BLOCK_N / 4, 32) blocks (half that with SILU: gate and up rows come as two loads), unswizzled (the threads
     read 16-byte chunks). The launcher checks alignment first (ops._wg_applies)."""
+    import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     n, kb = qweight.shape
     xd = TensorDescriptor(x2, list(x2.shape), [x2.stride(0), 1], [block_m, 64], X_LAYOUT)
     gb = block_n // 8 if silu else block_n // 4
-    wd = TensorDescriptor(qweight.view(n // 4, 4 * kb), [n // 4, 4 * kb], [4 * kb, 1], [gb, 128], W_LAYOUT)
+    wd = TensorDescriptor(qweight.view(n // 4, 4 * kb).view(torch.int32), [n // 4, kb], [kb, 1], [gb, 32], W_LAYOUT)
     return xd, wd
