@@ -266,7 +266,8 @@ def gemm_wg_variants():
                                      (False, True, True, "bf16"), (True, True, False, "fp16")):
             if not ops.wg_config_ok(c, silu):
                 continue
-            types = ptrs(("s_ptr", "z_ptr", "bias_ptr", "y_ptr"), dt, s_ptr="*fp16", z_ptr="*u8")
+            types = ptrs(("s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "cnt_ptr"), dt, s_ptr="*fp16",
+                         z_ptr="*u8", part_ptr="*fp32", cnt_ptr="*i32")
             types["x_desc"] = f"tensordesc<{dt}[{bm}, 64],{xl!r}>"
             types["w_desc"] = f"tensordesc<i32[{bn // 8 if silu else bn // 4}, 32],{wl!r}>"
             yield (kernel, types,

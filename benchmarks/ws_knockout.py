@@ -35,8 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=1024)
     ap.add_argument("--shapes", default="7B down,7B gate+up,7B o")
-    ap.add_argument("--configs", default="128,256,4,6,2",
-                    help="BLOCK_N,BLOCK_M,x buffers,packed W buffers,W buffers; several separated by ';'")
+    ap.add_argument("--configs", default="128,256,4,6,2,1;128,256,4,6,2,0",
+                    help="BLOCK_N,BLOCK_M,x buffers,packed W buffers,W buffers,stream-K (1) or a program a tile "
+                         "(0); several separated by ';'")
+    ap.add_argument("--no-knock", action="store_true", help="time the kernel only")
     a = ap.parse_args()
     m = a.m
     torch.manual_seed(0)
@@ -60,16 +62,25 @@ def main() -> None:
         t = bench(lambda: gemm_il4_wg_kernel[grid](xd, wd, *args, BLOCK_N=128, BLOCK_M=256, STAGES=4, num_warps=8,
                                                    **common))
         rows.append(("Gluon, not specialized 128x256", t))
+        if a.no_knock:
+            KNOCKS.clear()
+            KNOCKS[0] = "kernel"
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
         for cfg in a.configs.split(";"):
-            bn, bm, st, qs, wst = (int(v) for v in cfg.split(","))
+            bn, bm, st, qs, wst, sk = (int(v) for v in cfg.split(","))
             xd, wd = descriptors(x, q, bn, bm, silu)
-            grid = (-(-n_out // (bn // 2 if silu else bn)), -(-m // bm))
+            mt = -(-m // bm)
+            tiles = -(-n_out // (bn // 2 if silu else bn)) * mt
+            progs = sms if sk else tiles
+            part = torch.zeros(progs * bn * bm, device="cuda")
+            cnt = torch.zeros(progs, device="cuda", dtype=torch.int32)
             for knock, what in KNOCKS.items():
                 def fn(knock=knock):
-                    gemm_il4_ws_kernel[grid](xd, wd, *args, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, QSTAGES=qs,
-                                             WSTAGES=wst, DQ_WARPS=4, DQ_REGS=168, num_warps=8, maxnreg=168,
-                                             KNOCK=knock, **common)
-                rows.append((f"WS {bn}x{bm} x{st} q{qs} w{wst}: {what}", bench(fn)))
+                    gemm_il4_ws_kernel[(progs,)](xd, wd, s, s, y, y, part, cnt, *args[4:], tiles * (k // 64), mt,
+                                                 BLOCK_N=bn, BLOCK_M=bm, STAGES=st, QSTAGES=qs, WSTAGES=wst,
+                                                 DQ_WARPS=4, DQ_REGS=168, num_warps=8, maxnreg=168, KNOCK=knock,
+                                                 **common)
+                rows.append((f"WS {bn}x{bm} x{st} q{qs} w{wst} {'SK' if sk else 'DP'}: {what}", bench(fn)))
         print(f"\n{name}: K {k} -> N {n}")
         for what, t in rows:
             print(f"  {what:40s} {t:9.1f} µs  {flop / t / 1e6:7.1f} TFLOP/s")

@@ -286,51 +286,82 @@ def gemm_il4_wg_kernel(
                 EVEN, num_warps)
 
 
-# ---- warp-specialized variant: dequantization in its own warps ----------------------------------------------
+# ---- warp-specialized, persistent variant: dequantization in its own warps, K split evenly over the SMs ----------
 # gemm_il4_wg_kernel's eight warps dequantize a tile, fence, meet at CTA barriers and only then issue its
 # wgmmas: a K step of 128 x 256 x 64 took ~1650 cycles for ~1024 of MMA (PERF.md attempt 66). Here the warps
 # are split by task (gl.warp_specialize), and the tensor cores only wait when the dequantization falls behind:
 #   - the default partition (num_warps, 2 warpgroups at BLOCK_N = 128) waits for a dequantized W tile and an x
-#     tile, issues the wgmmas, and once tile t - 1's have retired frees its W buffer and loads x tile
-#     t - 1 + STAGES into its x buffer (TMA); then the epilogue;
-#   - the dequantization partition (DQ_WARPS warps) loads the packed W tiles (TMA, QSTAGES buffers) and turns
-#     them into bf16 W tiles in a ring of WSTAGES buffers; scales by plain loads a step ahead.
+#     tile, issues the wgmmas, and once step n - 1's have retired frees its W buffer and issues the TMA loads of
+#     x and packed W into the buffers step n - 1 used; at the end of a tile's steps, the epilogue;
+#   - the dequantization partition (DQ_WARPS warps) turns packed W tiles into bf16 W tiles in a ring of WSTAGES
+#     buffers; scales by plain loads two steps ahead.
 # No partition of its own for the loads: 8 + 4 warps leave 168 registers a thread (65536 / 384), which the MMA
-# warps' 64 x 256 float32 accumulator needs; ptxas allocates every partition under the kernel's one limit.
-# The hand-offs are mbarriers (x and packed W: the TMA's bytes; a W tile ready: the dequantization's arrival;
-# a W buffer free: the MMA partition's). An arrival comes from one thread, after a barrier of its partition's
-# warps.
+# warps' 64 x 256 float32 accumulator needs; ptxas allocates every partition under the kernel's one limit. The
+# loads are not issued by the dequantizing warps either: triton would put a proxy fence (a MEMBAR, which waits
+# for the scale loads in flight) before each TMA there.
+# The hand-offs are mbarriers (x and packed W: the TMA's bytes; a W tile ready: the dequantization's arrival; a
+# W buffer free: the MMA partition's). An arrival comes from one thread, after a barrier of its partition's warps.
+#
+# The work is the K steps of every tile, tile-major: T = tiles x NK steps, program p taking steps
+# [p T / P, (p + 1) T / P). With P = tiles each program has one whole tile (data-parallel). With P = the SM count
+# (stream-K) every SM gets the same number of steps: 112 tiles of 7B down no longer leave 20 SMs idle, nor do
+# 7B qkv's 144 tiles make a second wave of 12. A tile split between programs is summed in float32 in a
+# workspace slot (atomic adds); the program that arrives last at the slot's counter reads the sum, resets slot
+# and counter for the next call, and stores the tile. Nobody waits for anybody, so it cannot deadlock.
 
 
 @gluon.jit
-def _ws_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, stride_sn, stride_zn,
-                B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, KNOCK: gl.constexpr):
-    """Packed W tile t (buffer t % QSTAGES) -> dequantized W tile t in ws[t % WSTAGES], once the wgmmas of tile
-    t - WSTAGES have retired. A thread dequantizes 16-byte il4 chunks (4 rows x 8 k), as gemm_il4_wg_kernel."""
+def _sk_step(it, NK, MT, NR: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Step it -> (tile, its K tile kt, the tile's first output row r0, its first token off_m). Tiles go token
+    tile fastest, so the programs reading a row tile's weights run at the same time (L2 serves the rest)."""
+    tile = it // NK
+    kt = it - tile * NK
+    rt = tile // MT
+    return tile, kt, rt * NR, (tile - rt * MT) * BLOCK_M
+
+
+@gluon.jit
+def _sk_owner(i, P, T):
+    """The program whose steps include step i: the largest p with p T // P <= i."""
+    return ((i + 1).to(gl.int64) * P - 1) // T
+
+
+@gluon.jit
+def _sk_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, start, end, NK, MT, N_OUT, stride_sn, stride_zn,
+                B: gl.constexpr, ASYM: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr, BLOCK_M: gl.constexpr,
+                KNOCK: gl.constexpr):
+    """Packed W tile of step it (buffer n % QSTAGES, n = it - start) -> dequantized W tile in ws[n % WSTAGES], once
+    the wgmmas of step n - WSTAGES have retired. A thread dequantizes 16-byte il4 chunks (4 rows x 8 k). With
+    SILU the tile's rows are stored so that a gate row and its up row land 8 rows apart in a 16-row block (the
+    wgmma accumulator's thread holds rows i and i + 8): the epilogue pairs them in registers."""
     NW: gl.constexpr = gl.num_warps()
     QS: gl.constexpr = wq.shape[0]
     WST: gl.constexpr = ws.shape[0]
     G: gl.constexpr = wq.shape[1]
+    NR: gl.constexpr = 2 * G if SILU else 4 * G  # output rows a tile
     DT: gl.constexpr = ws.dtype
     QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[NW, 1],
                                         order=[1, 0])
     V3: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 8], threads_per_warp=[4, 1, 8],
                                         warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
-    rmask, gsc, gzr = _row_groups(r0, N_OUT, stride_sn, stride_zn, G, SILU, V3)
-    # scales two tiles ahead, loaded right after a step's fence: the fence (fence.proxy.async is MEMBAR.ALL.CTA
+    # scales two steps ahead, loaded right after a step's fence: the fence (fence.proxy.async is MEMBAR.ALL.CTA
     # + FENCE.VIEW.ASYNC in SASS) waits for every load of the thread still in flight, so loads issued just
     # before it would put their whole latency on this partition's path each step
-    sc = _scales(s_ptr, z_ptr, gsc, gzr, rmask, 0, B, ASYM, EVEN, V3)
-    scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(1, NK - 1), B, ASYM, EVEN, V3)
+    sc = _sk_scales(s_ptr, z_ptr, start, NK, MT, N_OUT, stride_sn, stride_zn, B, ASYM, SILU, EVEN, G, NR, BLOCK_M, V3)
+    scn = _sk_scales(s_ptr, z_ptr, gl.minimum(start + 1, end - 1), NK, MT, N_OUT, stride_sn, stride_zn, B, ASYM,
+                     SILU, EVEN, G, NR, BLOCK_M, V3)
     one = _one_bits(N_OUT)
-    for t in range(NK):
-        i = t % QS
-        j = t % WST
-        mbarrier.wait(q_ready.index(i), (t // QS) & 1)
+    for it in range(start, end):
+        n = it - start
+        i = n % QS
+        j = n % WST
+        mbarrier.wait(q_ready.index(i), (n // QS) & 1)
         if KNOCK != 1:
             q = wq.index(i).load(QL)
-            v = _dequant(q, sc, one, ASYM, DT, V3)
-        mbarrier.wait(w_empty.index(j), ((t // WST) & 1) ^ 1)  # a fresh barrier passes parity 1
+            v = _dequant(q, sc, one, ASYM, DT, V3)                       # (4 G, 64), rows as loaded
+            if SILU:  # rows [h, b, q, j] (h: gate/up, 4-row group 2 b + q) -> [b, h, q, j]: 16 b + 8 h + 4 q + j
+                v = gl.reshape(gl.permute(gl.reshape(v, [2, G // 4, 2, 4, 64]), [1, 0, 2, 3, 4]), [4 * G, 64])
+        mbarrier.wait(w_empty.index(j), ((n // WST) & 1) ^ 1)  # a fresh barrier passes parity 1
         if KNOCK != 1:
             ws.index(j).store(v)
         if KNOCK != 3:
@@ -339,95 +370,167 @@ def _ws_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, 
         mbarrier.arrive(w_ready.index(j), count=1)
         if KNOCK != 4:
             sc = scn
-            scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, gl.minimum(t + 2, NK - 1), B, ASYM, EVEN, V3)
+            scn = _sk_scales(s_ptr, z_ptr, gl.minimum(it + 2, end - 1), NK, MT, N_OUT, stride_sn, stride_zn, B, ASYM,
+                             SILU, EVEN, G, NR, BLOCK_M, V3)
 
 
 @gluon.jit
-def _w_load(w_desc, wq, q_ready, t, g0, gu, SILU: gl.constexpr):
-    """Packed W tile t (BLOCK_N / 4 row groups x 128 bytes; with SILU half from the gate rows' groups g0, half
-    from the up rows' gu) into buffer t % QSTAGES."""
-    i = t % wq.shape[0]
-    GB: gl.constexpr = w_desc.block_type.shape[0]
-    NB: gl.constexpr = wq.shape[1] * wq.shape[2] * 4  # bytes a tile (with SILU: two loads of half that)
-    mbarrier.expect(q_ready.index(i), NB)
+def _sk_scales(s_ptr, z_ptr, it, NK, MT, N_OUT, stride_sn, stride_zn, B: gl.constexpr, ASYM: gl.constexpr,
+               SILU: gl.constexpr, EVEN: gl.constexpr, G: gl.constexpr, NR: gl.constexpr, BLOCK_M: gl.constexpr,
+               V3: gl.constexpr):
+    """_scales of step it's tile and K tile."""
+    tile, kt, r0, off_m = _sk_step(it, NK, MT, NR, BLOCK_M)
+    rmask, gsc, gzr = _row_groups(r0, N_OUT, stride_sn, stride_zn, G, SILU, V3)
+    return _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt, B, ASYM, EVEN, V3)
+
+
+@gluon.jit
+def _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, it, start, NK, MT, N_OUT, SILU: gl.constexpr,
+              NR: gl.constexpr, BLOCK_M: gl.constexpr, DO_X, DO_W):
+    """TMA loads of step it into buffer (it - start) % STAGES (x, if DO_X) and % QSTAGES (packed W, if DO_W):
+    x[off_m :, 64 kt :]; the packed W tile kt of the tile's row groups (with SILU: half from the gate rows, half
+    from the same rows of up)."""
+    tile, kt, r0, off_m = _sk_step(it, NK, MT, NR, BLOCK_M)
+    n = it - start
+    if DO_X:
+        i = n % xs.shape[0]
+        mbarrier.expect(x_ready.index(i), x_desc.block_type.nbytes)
+        _tma_load(x_desc, [off_m, kt * 64], x_ready.index(i), xs.index(i))
+    if DO_W:
+        i = n % wq.shape[0]
+        GB: gl.constexpr = w_desc.block_type.shape[0]
+        NB: gl.constexpr = wq.shape[1] * wq.shape[2] * 4  # bytes a tile (with SILU: two loads of half that)
+        mbarrier.expect(q_ready.index(i), NB)
+        if SILU:
+            _tma_load(w_desc, [r0 // 4, kt * 32], q_ready.index(i), wq.index(i).slice(0, GB))
+            _tma_load(w_desc, [(r0 + N_OUT) // 4, kt * 32], q_ready.index(i), wq.index(i).slice(GB, GB))
+        else:
+            _tma_load(w_desc, [r0 // 4, kt * 32], q_ready.index(i), wq.index(i))
+
+
+@gluon.jit
+def _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
+                 EVEN: gl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) float32 in the wgmma layout: a y^T tile (with SILU, rows 16 b + i gate and 16 b + 8
+    + i up of output row r0 + 8 b + i) -> y[off_m :, r0 :], stored straight from the accumulator's registers
+    (no shared memory: the x and W rings are still in use by the next tile's loads)."""
+    BN: gl.constexpr = acc.shape[0]
+    BM: gl.constexpr = acc.shape[1]
+    L: gl.constexpr = acc.type.layout
+    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, L))
+    toks = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, L))
+    ri = gl.zeros([BN, BM], gl.int32, L) + rows[:, None]
+    ti = gl.zeros([BN, BM], gl.int32, L) + toks[None, :]
     if SILU:
-        _tma_load(w_desc, [g0, t * 32], q_ready.index(i), wq.index(i).slice(0, GB))
-        _tma_load(w_desc, [gu, t * 32], q_ready.index(i), wq.index(i).slice(GB, GB))
+        # [b, h, i, token] -> gate (h = 0) and up (h = 1), each [b, i, token]: the same registers, renamed
+        gate, up = gl.split(gl.permute(gl.reshape(acc, [BN // 16, 2, 8, BM]), [0, 2, 3, 1]))
+        r, _ = gl.split(gl.permute(gl.reshape(ri, [BN // 16, 2, 8, BM]), [0, 2, 3, 1]))
+        t, _ = gl.split(gl.permute(gl.reshape(ti, [BN // 16, 2, 8, BM]), [0, 2, 3, 1]))
+        out = gate / (1.0 + gl.exp(-gate)) * up
+        r = r0 + (r // 16) * 8 + r % 8
     else:
-        _tma_load(w_desc, [g0, t * 32], q_ready.index(i), wq.index(i))
+        out = acc
+        r = r0 + ri
+        t = ti
+        if HAS_BIAS:
+            out += gl.load(bias_ptr + r0 + rows, mask=r0 + rows < N_OUT, other=0.0).to(gl.float32)[:, None]
+    yp = y_ptr + t * stride_ym + r
+    if EVEN:
+        gl.store(yp, out.to(y_ptr.dtype.element_ty))
+    else:
+        gl.store(yp, out.to(y_ptr.dtype.element_ty), mask=(r < N_OUT) & (t < M))
 
 
 @gluon.jit
-def _x_load(x_desc, xs, x_ready, t, off_m):
-    i = t % xs.shape[0]
-    mbarrier.expect(x_ready.index(i), x_desc.block_type.nbytes)
-    _tma_load(x_desc, [off_m, t * 64], x_ready.index(i), xs.index(i))
-
-
-@gluon.jit
-def _ws_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, off_m, g0, gu, NK,
-            SILU: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, KNOCK: gl.constexpr,
+def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias_ptr, y_ptr, part_ptr, cnt_ptr,
+            start, end, T, NK, MT, M, N_OUT, stride_ym, SILU: gl.constexpr, HAS_BIAS: gl.constexpr,
+            EVEN: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, KNOCK: gl.constexpr,
             num_warps: gl.constexpr):
-    """The default partition: acc (BLOCK_N, BLOCK_M) float32 = W tile @ x tile^T over every K tile, one wgmma
-    group in flight beside the one being issued. It also issues the TMA loads, x and packed W: once tile t - 1's
-    wgmmas have retired, the dequantization has long read packed tile t - 1 too (it wrote W tile t - 1 from it
-    before arriving on w_ready), so both its buffers are free. Issued here rather than where the packed tiles
-    are read, because there triton would put a proxy fence (a MEMBAR, which waits for the scale loads in
-    flight) before each TMA; and not in a partition of their own, which would cost a warpgroup's registers."""
+    """The default partition: for each step, W tile @ x tile^T into the float32 accumulator, one wgmma group in
+    flight beside the one being issued; it also issues the TMA loads (once step n - 1's wgmmas have retired, the
+    dequantization has long read step n - 1's packed tile too: it wrote W tile n - 1 from it before arriving on
+    w_ready), and at the last step of each tile the epilogue, or the tile's partial sum into the workspace."""
     ST: gl.constexpr = xs.shape[0]
     QS: gl.constexpr = wq.shape[0]
     WST: gl.constexpr = ws.shape[0]
+    NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    for t in gl.static_range(QS):  # prologue: packed W tiles 0 .. QS - 1 and x tiles 0 .. ST - 1 in flight
-        if t < NK:
-            _w_load(w_desc, wq, q_ready, t, g0, gu, SILU)
-    for t in gl.static_range(ST):
-        if t < NK:
-            _x_load(x_desc, xs, x_ready, t, off_m)
+    P = gl.num_programs(0)
+    for j in gl.static_range(QS):  # prologue: the first QS packed W tiles and ST x tiles in flight
+        if start + j < end:
+            _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, start + j, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
+                      j < ST, True)
+    for j in gl.static_range(QS, ST):
+        if start + j < end:
+            _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, start + j, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
+                      True, False)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+    part_off = rows[:, None] * BLOCK_M + cols[None, :]                  # a workspace slot, in acc's own layout
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    # tile 0, peeled: the accumulator's first value comes from a wgmma (use_acc=False), so no zeros reach the
-    # last wait past a zero-trip loop (ptxas would serialize every wgmma: its info C7515, PERF.md attempt 61)
-    mbarrier.wait(w_ready.index(0), 0)
-    mbarrier.wait(x_ready.index(0), 0)
-    acc = warpgroup_mma(ws.index(0), xs.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
-    acc = warpgroup_mma_wait(1, deps=[acc])  # returns at once (one group in flight), as a tensor
-    for t in range(1, NK):
-        mbarrier.wait(w_ready.index(t % WST), (t // WST) & 1)
-        mbarrier.wait(x_ready.index(t % ST), (t // ST) & 1)
+    for it in range(start, end):
+        n = it - start
+        tile, kt, r0, off_m = _sk_step(it, NK, MT, NR, BLOCK_M)
+        mbarrier.wait(w_ready.index(n % WST), (n // WST) & 1)
+        mbarrier.wait(x_ready.index(n % ST), (n // ST) & 1)
         if KNOCK != 2:
-            acc = warpgroup_mma(ws.index(t % WST), xs.index(t % ST).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])  # this warpgroup's tile t - 1 retired
-        _cta_barrier()                           # and the other's: tile t - 1's buffers are free
-        mbarrier.arrive(w_empty.index((t - 1) % WST), count=1)
-        if t - 1 + ST < NK:
-            _x_load(x_desc, xs, x_ready, t - 1 + ST, off_m)
-        if t - 1 + QS < NK:
-            _w_load(w_desc, wq, q_ready, t - 1 + QS, g0, gu, SILU)
-    acc = warpgroup_mma_wait(0, deps=[acc])
-    return (acc,)  # a partition's results are a tuple
+            # the first step of a tile (or of this program's share of it) starts the sum: use_acc False, so no
+            # zeros are written into the accumulator outside a wgmma (ptxas would serialize the wgmmas, C7515)
+            acc = warpgroup_mma(ws.index(n % WST), xs.index(n % ST).permute((1, 0)), acc,
+                                use_acc=(kt != 0) & (it != start), is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])  # this warpgroup's step n - 1 retired
+        _cta_barrier()                               # and the other's: step n - 1's buffers are free
+        if n > 0:
+            mbarrier.arrive(w_empty.index((n - 1) % WST), count=1)
+            nx = it - 1 + ST
+            nw = it - 1 + QS
+            if nw < end:
+                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, nw, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
+                          nw == nx, True)
+            if (nx < end) & (nx != nw):
+                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, nx, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
+                          True, False)
+        if (kt == NK - 1) | (it == end - 1):  # the last step of this tile here
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            if (it - kt >= start) & (kt == NK - 1):  # the whole tile: store it
+                _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+            else:  # part of it: add into the tile's slot; the last of its programs to arrive stores the sum
+                first_p = _sk_owner(tile * NK, P, T)
+                parts = _sk_owner(tile * NK + NK - 1, P, T) - first_p + 1
+                slot = part_ptr + first_p * (BLOCK_N * BLOCK_M)
+                gl.atomic_add(slot + part_off, acc, sem="relaxed")
+                _cta_barrier()  # every thread's adds, before the counter (release) says they are done
+                arrived = gl.atomic_add(cnt_ptr + first_p, 1, sem="acq_rel")
+                if arrived == parts - 1:
+                    tot = gl.load(slot + part_off, cache_modifier=".cg")
+                    gl.store(slot + part_off, gl.zeros_like(tot))  # the slot clean for the next call
+                    gl.store(cnt_ptr + first_p, 0)
+                    _sk_epilogue(tot, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
 
 
 @gluon.jit
 def gemm_il4_ws_kernel(
-    # as gemm_il4_wg_kernel
-    x_desc, w_desc, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N_OUT, stride_sn, stride_zn, stride_ym,
+    # as gemm_il4_wg_kernel, plus the stream-K workspace: part (P, BLOCK_N, BLOCK_M) float32 and cnt (P,) int32,
+    # zeros before the first call (every call leaves them so); T: steps in all (tiles x K tiles); MT: token tiles
+    x_desc, w_desc, s_ptr, z_ptr, bias_ptr, y_ptr, part_ptr, cnt_ptr,
+    M, N_OUT, stride_sn, stride_zn, stride_ym, T, MT,
     B: gl.constexpr, ASYM: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QSTAGES: gl.constexpr,
     WSTAGES: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, EVEN: gl.constexpr,
     num_warps: gl.constexpr, KNOCK: gl.constexpr = 0,
 ):
-    """gemm_il4_wg_kernel's tile with its work split among warp-specialized partitions (above). STAGES x
-    buffers, QSTAGES packed W buffers, WSTAGES dequantized W buffers; DQ_WARPS warps dequantize, with DQ_REGS
-    registers a thread (the MMA warps get the rest of the kernel's maxnreg budget).
-    KNOCK (benchmarks/ws_knockout.py only; the result is wrong unless 0): leave one stage out to time the rest.
-    1: no dequantization (the W ring is handed on unwritten), 2: no wgmma, 3: no proxy fence after the W
-    stores, 4: the scales of tile 0 for every tile (no scale loads in the loop)."""
+    """gemm_il4_wg_kernel's product with its work split among warp-specialized partitions and its steps spread
+    evenly over the programs (above). STAGES x buffers, QSTAGES packed W buffers, WSTAGES dequantized W buffers;
+    DQ_WARPS warps dequantize, with DQ_REGS registers a thread (the MMA warps get the rest of the kernel's
+    maxnreg budget). KNOCK (benchmarks/ws_knockout.py only; the result is wrong unless 0): leave one stage out to
+    time the rest. 1: no dequantization (the W ring is handed on unwritten), 2: no wgmma, 3: no proxy fence after
+    the W stores, 4: the scales of the first step for every step (no scale loads in the loop)."""
     DT: gl.constexpr = x_desc.dtype
-    NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N  # output rows a program
-    r0 = gl.program_id(0) * NR
-    off_m = gl.program_id(1) * BLOCK_M
+    P = gl.num_programs(0)
+    pid = gl.program_id(0)
+    start = ((pid.to(gl.int64) * T) // P).to(gl.int32)
+    end = (((pid + 1).to(gl.int64) * T) // P).to(gl.int32)
     NK = x_desc.shape[1] // 64
     xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
     wq = gl.allocate_shared_memory(gl.int32, [QSTAGES, BLOCK_N // 4, 32], w_desc.layout)
@@ -445,14 +548,13 @@ def gemm_il4_ws_kernel(
     for i in gl.static_range(WSTAGES):
         mbarrier.init(w_ready.index(i), count=1)
         mbarrier.init(w_empty.index(i), count=1)
-    acc, = gl.warp_specialize([
-        (_ws_mma, (x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, off_m, r0 // 4,
-                   (r0 + N_OUT) // 4, NK, SILU, BLOCK_N, BLOCK_M, KNOCK, num_warps)),
-        (_ws_dequant, (s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, r0, N_OUT, NK, stride_sn,
-                       stride_zn, B, ASYM, SILU, EVEN, KNOCK)),
+    gl.warp_specialize([
+        (_sk_mma, (x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias_ptr, y_ptr, part_ptr,
+                   cnt_ptr, start, end, T, NK, MT, M, N_OUT, stride_ym, SILU, HAS_BIAS, EVEN, BLOCK_N, BLOCK_M, KNOCK,
+                   num_warps)),
+        (_sk_dequant, (s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, start, end, NK, MT, N_OUT, stride_sn,
+                       stride_zn, B, ASYM, SILU, EVEN, BLOCK_M, KNOCK)),
     ], [DQ_WARPS], [DQ_REGS])
-    _store_tile(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, BLOCK_N, BLOCK_M, STAGES,
-                EVEN, num_warps)
 
 
 def descriptors(x2, qweight, block_n: int, block_m: int, silu: bool = False):

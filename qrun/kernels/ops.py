@@ -354,6 +354,20 @@ def _gemv4_candidates(block_size, nb):
 _sms: dict[int, int] = {}
 
 
+_sk_ws: dict[tuple, tuple] = {}
+
+
+def _sk_workspace(device: torch.device, progs: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream-K GEMM's workspace (gemm_wg.gemm_il4_ws_kernel): a float32 tile slot and an arrival counter a
+    program, zeros; the kernel leaves them zeros after every call, so one pair serves every call on the device
+    (one stream: a prefill's GEMMs run one after another)."""
+    key = (str(device), progs, tile)
+    if key not in _sk_ws:
+        _sk_ws[key] = (torch.zeros(progs * tile, dtype=torch.float32, device=device),
+                       torch.zeros(progs, dtype=torch.int32, device=device))
+    return _sk_ws[key]
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, so the persistent loop runs several row blocks each
@@ -396,10 +410,12 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
         # Its warp-specialized variant (gemm_il4_ws_kernel) first of all: (BLOCK_N, BLOCK_M, x buffers, packed W
         # buffers, W buffers), 8 MMA warps and 4 dequantizing warps at 168 registers a thread (12 warps: the
         # register file's 65536 / 384).
-        ws_cfgs = ((128, 256, 4, 6, 2), (128, 256, 4, 6, 3), (128, 128, 6, 6, 3)) if GEMM_WS else ()
-        for bn, bm, st, qs, wst in ws_cfgs:
+        # SK: the steps spread over one program a SM (stream-K), else one program a tile.
+        ws_cfgs = ((128, 256, 4, 6, 2, True), (128, 256, 4, 6, 2, False), (128, 256, 4, 6, 3, True),
+                   (128, 128, 6, 6, 3, True)) if GEMM_WS else ()
+        for bn, bm, st, qs, wst, sk in ws_cfgs:
             out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=8, num_stages=st,
-                            QSTAGES=qs, WSTAGES=wst, DQ_WARPS=4, maxnreg=168, WG=True, WS=True))
+                            QSTAGES=qs, WSTAGES=wst, DQ_WARPS=4, maxnreg=168, SK=sk, WG=True, WS=True))
         for bn, bm, warps, stages in ((128, 256, 8, 4), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 4, 4),
                                       (128, 64, 8, 4)):
             out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=warps, num_stages=stages,
@@ -603,9 +619,16 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                             BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
                             EVEN=m % c["BLOCK_M"] == 0 and n_out % nr == 0, num_warps=c["num_warps"])
             if c.get("WS"):
-                LAST["gemm"] = gemm_il4_ws_kernel[grid](
-                    *args, QSTAGES=c["QSTAGES"], WSTAGES=c["WSTAGES"], DQ_WARPS=c["DQ_WARPS"], DQ_REGS=c["maxnreg"],
-                    maxnreg=c["maxnreg"], **common_c)
+                tiles = grid[0] * grid[1]
+                progs = _sm_count(x.device) if c["SK"] else tiles
+                # (one program a tile never splits one: a one-element dummy then)
+                part, cnt = _sk_workspace(x.device, progs, c["BLOCK_N"] * c["BLOCK_M"]) if c["SK"] \
+                    else _sk_workspace(x.device, 1, 1)
+                nk = k // 64
+                LAST["gemm"] = gemm_il4_ws_kernel[(progs,)](
+                    *args[:6], part, cnt, *args[6:], tiles * nk, grid[1], QSTAGES=c["QSTAGES"],
+                    WSTAGES=c["WSTAGES"], DQ_WARPS=c["DQ_WARPS"], DQ_REGS=c["maxnreg"], maxnreg=c["maxnreg"],
+                    **common_c)
             else:
                 LAST["gemm"] = gemm_il4_wg_kernel[grid](*args, **common_c)
             return out
