@@ -79,20 +79,32 @@ def wgmma_hazards(k) -> list[str]:
     return rs_wgmma_hazards(k_loop(cr.report(k)[3]))
 
 
-def wgmma_serialized(k) -> str:
-    """ptxas's C7515 message for a compiled kernel whose wgmmas it serializes, else "". Triton's own ptxas call
-    keeps its info lines to itself, so the PTX goes through the bundled ptxas again with -v."""
-    ptx = k.asm["ptx"]
-    if "wgmma.mma_async" not in ptx:
-        return ""
+def _ptxas_info(k) -> str:
+    """ptxas -v's info lines for a compiled kernel: triton's own ptxas call keeps them to itself, so the PTX goes
+    through the bundled ptxas again."""
     from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
-            f.write(ptx)
+            f.write(k.asm["ptx"])
         r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
                            capture_output=True, text=True)
-    return next((ln.split("Potential Performance Loss: ")[-1] for ln in r.stderr.splitlines() if "C7515" in ln), "")
+    return r.stderr
+
+
+def wgmma_serialized(k) -> str:
+    """ptxas's C7515 message for a compiled kernel whose wgmmas it serializes, else ""."""
+    if "wgmma.mma_async" not in k.asm["ptx"]:
+        return ""
+    return next((ln.split("Potential Performance Loss: ")[-1] for ln in _ptxas_info(k).splitlines()
+                 if "C7515" in ln), "")
+
+
+def spill_bytes(k) -> int:
+    """Bytes of spill stores, as ptxas -v counts them. The cubin's LOCAL attribute (compile_report) reads 0 for a
+    warp-specialized kernel that spills (its partitions' stack is counted apart)."""
+    m = re.search(r"(\d+) bytes spill stores", _ptxas_info(k))
+    return int(m.group(1)) if m else 0
 
 
 def k_loop(sass: str) -> list[str]:

@@ -321,6 +321,18 @@ def _sk_step(it, NK, MT, NR: gl.constexpr, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
+def _sk_next(kt, r0, off_m, NK, MT, NR: gl.constexpr, BLOCK_M: gl.constexpr):
+    """The step after (kt, r0, off_m) of _sk_step, without its divisions (a division by a runtime value is ~20
+    instructions; the loops advance their cursors with this instead)."""
+    kt = kt + 1
+    wrap = kt == NK
+    kt = gl.where(wrap, 0, kt)
+    off_m = gl.where(wrap, off_m + BLOCK_M, off_m)
+    wrap = off_m == MT * BLOCK_M
+    return kt, gl.where(wrap, r0 + NR, r0), gl.where(wrap, 0, off_m)
+
+
+@gluon.jit
 def _sk_owner(i, P, T):
     """The program whose steps include step i: the largest p with p T // P <= i."""
     return ((i + 1).to(gl.int64) * P - 1) // T
@@ -346,10 +358,14 @@ def _sk_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, start, end, NK,
                                         warps_per_cta=[NW, 1, 1], order=[2, 1, 0])
     # scales two steps ahead, loaded right after a step's fence: the fence (fence.proxy.async is MEMBAR.ALL.CTA
     # + FENCE.VIEW.ASYNC in SASS) waits for every load of the thread still in flight, so loads issued just
-    # before it would put their whole latency on this partition's path each step
-    sc = _sk_scales(s_ptr, z_ptr, start, NK, MT, N_OUT, stride_sn, stride_zn, B, ASYM, SILU, EVEN, G, NR, BLOCK_M, V3)
-    scn = _sk_scales(s_ptr, z_ptr, gl.minimum(start + 1, end - 1), NK, MT, N_OUT, stride_sn, stride_zn, B, ASYM,
-                     SILU, EVEN, G, NR, BLOCK_M, V3)
+    # before it would put their whole latency on this partition's path each step. (kt2, r02, m2): step it + 2,
+    # clamped to the last step; its tile's row groups are worked out again only when the tile changes.
+    tile, kt2, r02, m2 = _sk_step(start, NK, MT, NR, BLOCK_M)
+    rmask, gsc, gzr = _row_groups(r02, N_OUT, stride_sn, stride_zn, G, SILU, V3)
+    sc = _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt2, B, ASYM, EVEN, V3)
+    tile, kt2, r02, m2 = _sk_step(gl.minimum(start + 1, end - 1), NK, MT, NR, BLOCK_M)
+    rmask, gsc, gzr = _row_groups(r02, N_OUT, stride_sn, stride_zn, G, SILU, V3)
+    scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt2, B, ASYM, EVEN, V3)
     one = _one_bits(N_OUT)
     for it in range(start, end):
         n = it - start
@@ -370,28 +386,18 @@ def _sk_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, start, end, NK,
         mbarrier.arrive(w_ready.index(j), count=1)
         if KNOCK != 4:
             sc = scn
-            scn = _sk_scales(s_ptr, z_ptr, gl.minimum(it + 2, end - 1), NK, MT, N_OUT, stride_sn, stride_zn, B, ASYM,
-                             SILU, EVEN, G, NR, BLOCK_M, V3)
+            if it + 2 < end:
+                kt2, r02, m2 = _sk_next(kt2, r02, m2, NK, MT, NR, BLOCK_M)
+                if kt2 == 0:
+                    rmask, gsc, gzr = _row_groups(r02, N_OUT, stride_sn, stride_zn, G, SILU, V3)
+            scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt2, B, ASYM, EVEN, V3)
 
 
 @gluon.jit
-def _sk_scales(s_ptr, z_ptr, it, NK, MT, N_OUT, stride_sn, stride_zn, B: gl.constexpr, ASYM: gl.constexpr,
-               SILU: gl.constexpr, EVEN: gl.constexpr, G: gl.constexpr, NR: gl.constexpr, BLOCK_M: gl.constexpr,
-               V3: gl.constexpr):
-    """_scales of step it's tile and K tile."""
-    tile, kt, r0, off_m = _sk_step(it, NK, MT, NR, BLOCK_M)
-    rmask, gsc, gzr = _row_groups(r0, N_OUT, stride_sn, stride_zn, G, SILU, V3)
-    return _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt, B, ASYM, EVEN, V3)
-
-
-@gluon.jit
-def _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, it, start, NK, MT, N_OUT, SILU: gl.constexpr,
-              NR: gl.constexpr, BLOCK_M: gl.constexpr, DO_X, DO_W):
-    """TMA loads of step it into buffer (it - start) % STAGES (x, if DO_X) and % QSTAGES (packed W, if DO_W):
-    x[off_m :, 64 kt :]; the packed W tile kt of the tile's row groups (with SILU: half from the gate rows, half
-    from the same rows of up)."""
-    tile, kt, r0, off_m = _sk_step(it, NK, MT, NR, BLOCK_M)
-    n = it - start
+def _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, n, kt, r0, off_m, N_OUT, SILU: gl.constexpr, DO_X, DO_W):
+    """TMA loads of this program's step n (K tile kt of the tile at output row r0, token off_m) into buffer
+    n % STAGES (x, if DO_X) and n % QSTAGES (packed W, if DO_W): x[off_m :, 64 kt :]; the packed W tile kt of the
+    tile's row groups (with SILU: half from the gate rows, half from the same rows of up)."""
     if DO_X:
         i = n % xs.shape[0]
         mbarrier.expect(x_ready.index(i), x_desc.block_type.nbytes)
@@ -409,36 +415,66 @@ def _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, it, start, NK, MT, N_OUT
 
 
 @gluon.jit
-def _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
-                 EVEN: gl.constexpr):
-    """acc (BLOCK_N, BLOCK_M) float32 in the wgmma layout: a y^T tile (with SILU, rows 16 b + i gate and 16 b + 8
-    + i up of output row r0 + 8 b + i) -> y[off_m :, r0 :], stored straight from the accumulator's registers
-    (no shared memory: the x and W rings are still in use by the next tile's loads)."""
+def _sk_chunks(acc):
+    """acc (BN, BM) in the wgmma layout -> its 4 column quarters (BN, BM / 4), tokens [c BM / 4, (c + 1) BM / 4):
+    the same registers, renamed (a thread's columns 8 i + 2 (lane % 4) + j: the quarter is i's top two bits)."""
     BN: gl.constexpr = acc.shape[0]
     BM: gl.constexpr = acc.shape[1]
-    L: gl.constexpr = acc.type.layout
-    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, L))
-    toks = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, L))
-    ri = gl.zeros([BN, BM], gl.int32, L) + rows[:, None]
-    ti = gl.zeros([BN, BM], gl.int32, L) + toks[None, :]
+    # [row, h, g, q] (column 128 h + 64 g + q) -> [row, q, h, g]; split g, then h
+    e, o = gl.split(gl.permute(gl.reshape(acc, [BN, 2, 2, BM // 4]), [0, 3, 1, 2]))
+    a0, a2 = gl.split(e)
+    a1, a3 = gl.split(o)
+    return a0, a1, a2, a3
+
+
+@gluon.jit
+def _sk_store(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
+              EVEN: gl.constexpr):
+    """A column quarter of the accumulator (_sk_chunks; (BN, BQ) float32, a y^T tile: with SILU, rows 16 b + i
+    gate and 16 b + 8 + i up of output row r0 + 8 b + i) -> y[off_m : off_m + BQ, r0 :], stored straight from the
+    registers (no shared memory: the x and W rings are in use by the next tile's loads). A quarter at a time and
+    indices by broadcasting, so that the epilogue needs few registers beside the accumulator's 128."""
+    BN: gl.constexpr = acc.shape[0]
+    BQ: gl.constexpr = acc.shape[1]
+    DT: gl.constexpr = y_ptr.dtype.element_ty
     if SILU:
         # [b, h, i, token] -> gate (h = 0) and up (h = 1), each [b, i, token]: the same registers, renamed
-        gate, up = gl.split(gl.permute(gl.reshape(acc, [BN // 16, 2, 8, BM]), [0, 2, 3, 1]))
-        r, _ = gl.split(gl.permute(gl.reshape(ri, [BN // 16, 2, 8, BM]), [0, 2, 3, 1]))
-        t, _ = gl.split(gl.permute(gl.reshape(ti, [BN // 16, 2, 8, BM]), [0, 2, 3, 1]))
+        gate, up = gl.split(gl.permute(gl.reshape(acc, [BN // 16, 2, 8, BQ]), [0, 2, 3, 1]))
         out = gate / (1.0 + gl.exp(-gate)) * up
-        r = r0 + (r // 16) * 8 + r % 8
+        L3: gl.constexpr = out.type.layout
+        b = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+        i = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        t = off_m + gl.arange(0, BQ, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        r = r0 + 8 * b[:, None] + i[None, :]                              # [b, i] output rows
+        yp = y_ptr + t[None, None, :] * stride_ym + r[:, :, None]
+        if EVEN:
+            gl.store(yp, out.to(DT))
+        else:
+            gl.store(yp, out.to(DT), mask=(r < N_OUT)[:, :, None] & (t < M)[None, None, :])
     else:
+        L: gl.constexpr = acc.type.layout
+        r = r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, L))
+        t = off_m + gl.arange(0, BQ, layout=gl.SliceLayout(0, L))
         out = acc
-        r = r0 + ri
-        t = ti
         if HAS_BIAS:
-            out += gl.load(bias_ptr + r0 + rows, mask=r0 + rows < N_OUT, other=0.0).to(gl.float32)[:, None]
-    yp = y_ptr + t * stride_ym + r
-    if EVEN:
-        gl.store(yp, out.to(y_ptr.dtype.element_ty))
-    else:
-        gl.store(yp, out.to(y_ptr.dtype.element_ty), mask=(r < N_OUT) & (t < M))
+            out += gl.load(bias_ptr + r, mask=r < N_OUT, other=0.0).to(gl.float32)[:, None]
+        yp = y_ptr + t[None, :] * stride_ym + r[:, None]
+        if EVEN:
+            gl.store(yp, out.to(DT))
+        else:
+            gl.store(yp, out.to(DT), mask=(r < N_OUT)[:, None] & (t < M)[None, :])
+
+
+@gluon.jit
+def _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
+                 EVEN: gl.constexpr):
+    """The tile's output from acc, a column quarter at a time (_sk_store)."""
+    BQ: gl.constexpr = acc.shape[1] // 4
+    a0, a1, a2, a3 = _sk_chunks(acc)
+    _sk_store(a0, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+    _sk_store(a1, bias_ptr, y_ptr, r0, off_m + BQ, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+    _sk_store(a2, bias_ptr, y_ptr, r0, off_m + 2 * BQ, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+    _sk_store(a3, bias_ptr, y_ptr, r0, off_m + 3 * BQ, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
 
 
 @gluon.jit
@@ -457,21 +493,22 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     P = gl.num_programs(0)
-    for j in gl.static_range(QS):  # prologue: the first QS packed W tiles and ST x tiles in flight
+    # prologue: the first QS packed W tiles and ST x tiles in flight; (kw, rw, mw) and (kx, rx, mx): the steps
+    # whose loads come next, advanced by _sk_next (no divisions in the loop)
+    tile, kw, rw, mw = _sk_step(start, NK, MT, NR, BLOCK_M)
+    kx, rx, mx = kw, rw, mw
+    for j in gl.static_range(QS if QS > ST else ST):
         if start + j < end:
-            _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, start + j, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
-                      j < ST, True)
-    for j in gl.static_range(QS, ST):
-        if start + j < end:
-            _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, start + j, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
-                      True, False)
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-    part_off = rows[:, None] * BLOCK_M + cols[None, :]                  # a workspace slot, in acc's own layout
+            if j < QS:
+                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, j, kw, rw, mw, N_OUT, SILU, False, True)
+                kw, rw, mw = _sk_next(kw, rw, mw, NK, MT, NR, BLOCK_M)
+            if j < ST:
+                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, j, kx, rx, mx, N_OUT, SILU, True, False)
+                kx, rx, mx = _sk_next(kx, rx, mx, NK, MT, NR, BLOCK_M)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    tile, kt, r0, off_m = _sk_step(start, NK, MT, NR, BLOCK_M)
     for it in range(start, end):
         n = it - start
-        tile, kt, r0, off_m = _sk_step(it, NK, MT, NR, BLOCK_M)
         mbarrier.wait(w_ready.index(n % WST), (n // WST) & 1)
         mbarrier.wait(x_ready.index(n % ST), (n // ST) & 1)
         if KNOCK != 2:
@@ -483,14 +520,12 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
         _cta_barrier()                               # and the other's: step n - 1's buffers are free
         if n > 0:
             mbarrier.arrive(w_empty.index((n - 1) % WST), count=1)
-            nx = it - 1 + ST
-            nw = it - 1 + QS
-            if nw < end:
-                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, nw, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
-                          nw == nx, True)
-            if (nx < end) & (nx != nw):
-                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, nx, start, NK, MT, N_OUT, SILU, NR, BLOCK_M,
-                          True, False)
+            if it - 1 + QS < end:  # step n - 1 + QS's packed W, and n - 1 + ST's x
+                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, n - 1 + QS, kw, rw, mw, N_OUT, SILU, False, True)
+                kw, rw, mw = _sk_next(kw, rw, mw, NK, MT, NR, BLOCK_M)
+            if it - 1 + ST < end:
+                _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, n - 1 + ST, kx, rx, mx, N_OUT, SILU, True, False)
+                kx, rx, mx = _sk_next(kx, rx, mx, NK, MT, NR, BLOCK_M)
         if (kt == NK - 1) | (it == end - 1):  # the last step of this tile here
             acc = warpgroup_mma_wait(0, deps=[acc])
             if (it - kt >= start) & (kt == NK - 1):  # the whole tile: store it
@@ -498,15 +533,21 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
             else:  # part of it: add into the tile's slot; the last of its programs to arrive stores the sum
                 first_p = _sk_owner(tile * NK, P, T)
                 parts = _sk_owner(tile * NK + NK - 1, P, T) - first_p + 1
-                slot = part_ptr + first_p * (BLOCK_N * BLOCK_M)
-                gl.atomic_add(slot + part_off, acc, sem="relaxed")
+                rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+                cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+                slot = part_ptr + first_p * (BLOCK_N * BLOCK_M) + rows[:, None] * BLOCK_M + cols[None, :]  # acc's layout
+                gl.atomic_add(slot, acc, sem="relaxed")
                 _cta_barrier()  # every thread's adds, before the counter (release) says they are done
                 arrived = gl.atomic_add(cnt_ptr + first_p, 1, sem="acq_rel")
                 if arrived == parts - 1:
-                    tot = gl.load(slot + part_off, cache_modifier=".cg")
-                    gl.store(slot + part_off, gl.zeros_like(tot))  # the slot clean for the next call
+                    # the sum into acc's own registers (a second tile of registers would spill; the next step
+                    # starts a new sum with use_acc False)
+                    acc = gl.load(slot, cache_modifier=".cg")
+                    gl.store(slot, gl.zeros_like(acc))  # the slot and counter clean for the next call
                     gl.store(cnt_ptr + first_p, 0)
-                    _sk_epilogue(tot, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+                    _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+        tile = gl.where(kt == NK - 1, tile + 1, tile)
+        kt, r0, off_m = _sk_next(kt, r0, off_m, NK, MT, NR, BLOCK_M)
 
 
 @gluon.jit
