@@ -109,7 +109,7 @@ def spill_bytes(k) -> int:
 
 def k_loop(sass: str) -> list[str]:
     """The instructions of the loop that holds the HGMMAs: from a backward branch's target to the branch."""
-    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,6}\*/", ln)]
     ins = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", ln).split(";")[0].strip() for ln in lines]
     addr = [int(re.search(r"/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
     for i, s in enumerate(ins):
