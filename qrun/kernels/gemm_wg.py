@@ -478,50 +478,6 @@ def _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS:
 
 
 @gluon.jit
-def _sk_epilogue_smem(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS: gl.constexpr,
-                      SILU: gl.constexpr, EVEN: gl.constexpr, num_warps: gl.constexpr):
-    """_sk_epilogue for a program's last step, through shared memory: every load has landed and every wgmma has
-    retired, so the x ring (STAGES x BLOCK_M x 64 16-bit values: the float32 tile when STAGES x 32 >= BLOCK_N)
-    holds the tile, read back with 8 consecutive output rows a thread (16-byte stores, where the registers' layout
-    stores 2 bytes at a time)."""
-    BN: gl.constexpr = acc.shape[0]
-    BM: gl.constexpr = acc.shape[1]
-    DT: gl.constexpr = y_ptr.dtype.element_ty
-    EL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    if _reinterpret_name() == "new":
-        buf = xs.reinterpret(gl.float32, [BN, BM], EL)
-    else:
-        buf = xs._reinterpret(gl.float32, [BN, BM], EL)
-    _cta_barrier()  # both warpgroups' wgmmas retired: the x ring is free
-    buf.store(acc)
-    _cta_barrier()
-    if SILU:
-        # a thread: the 16 rows of a block (8 gate, then their 8 up rows) for one token
-        L16: gl.constexpr = gl.BlockedLayout(size_per_thread=[16, 1], threads_per_warp=[BN // 16, 32 // (BN // 16)],
-                                             warps_per_cta=[1, num_warps], order=[0, 1])
-        YL: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[BN // 16, 32 // (BN // 16)],
-                                            warps_per_cta=[1, num_warps], order=[0, 1])
-        v = buf.load(L16)
-        gate, up = gl.split(gl.permute(gl.reshape(v, [BN // 16, 2, 8, BM]), [0, 2, 3, 1]))
-        out = gl.convert_layout(gl.reshape(gate / (1.0 + gl.exp(-gate)) * up, [BN // 2, BM]), YL,
-                                assert_trivial=True)
-        r = r0 + gl.arange(0, BN // 2, layout=gl.SliceLayout(1, YL))
-    else:
-        YL: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[BN // 8, 32 // (BN // 8)],
-                                            warps_per_cta=[1, num_warps], order=[0, 1])
-        out = buf.load(YL)
-        r = r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, YL))
-        if HAS_BIAS:
-            out += gl.load(bias_ptr + r, mask=r < N_OUT, other=0.0).to(gl.float32)[:, None]
-    t = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, YL))
-    yp = y_ptr + t[None, :] * stride_ym + r[:, None]
-    if EVEN:
-        gl.store(yp, out.to(DT))
-    else:
-        gl.store(yp, out.to(DT), mask=(r < N_OUT)[:, None] & (t < M)[None, :])
-
-
-@gluon.jit
 def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias_ptr, y_ptr, part_ptr, cnt_ptr,
             start, end, T, NK, MT, M, N_OUT, stride_ym, SILU: gl.constexpr, HAS_BIAS: gl.constexpr,
             EVEN: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, KNOCK: gl.constexpr,
@@ -534,7 +490,6 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
     QS: gl.constexpr = wq.shape[0]
     WST: gl.constexpr = ws.shape[0]
     NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N
-    STAGES_HOLD_TILE: gl.constexpr = ST * 32 >= BLOCK_N  # the x ring holds the float32 tile (_sk_epilogue_smem)
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     P = gl.num_programs(0)
@@ -573,9 +528,8 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
                 kx, rx, mx = _sk_next(kx, rx, mx, NK, MT, NR, BLOCK_M)
         if (kt == NK - 1) | (it == end - 1):  # the last step of this tile here
             acc = warpgroup_mma_wait(0, deps=[acc])
-            if (it - kt >= start) & (kt == NK - 1):  # the whole tile: store it (the last one after the loop)
-                if (it != end - 1) | (not STAGES_HOLD_TILE):
-                    _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+            if (it - kt >= start) & (kt == NK - 1) & (it != end - 1):  # a whole tile, not the last: store it
+                _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
             else:  # part of it: add into the tile's slot; the last of its programs to arrive stores the sum
                 first_p = _sk_owner(it - kt, P, T)  # it - kt: the tile's first step
                 parts = _sk_owner(it - kt + NK - 1, P, T) - first_p + 1
@@ -593,13 +547,11 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
                     gl.store(cnt_ptr + first_p, 0)
                     _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
         kt, r0, off_m = _sk_next(kt, r0, off_m, NK, MT, NR, BLOCK_M)
-    if STAGES_HOLD_TILE:
-        # the program's last tile, when it has the whole of it: through shared memory, after the loop, where the
-        # accumulator's registers are free for the read-back (in the loop they stay live for the next step)
-        _, kt, r0, off_m = _sk_step(end - 1, NK, MT, NR, BLOCK_M)
-        if (end > start) & (kt == NK - 1) & (end - 1 - kt >= start):
-            _sk_epilogue_smem(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN,
-                              num_warps)
+    # the program's last tile, when it has the whole of it, after the loop: there the accumulator is dead once
+    # stored, and the epilogue's registers do not spill (in the loop it stays live for the next step)
+    _, kt, r0, off_m = _sk_step(end - 1, NK, MT, NR, BLOCK_M)
+    if (end > start) & (kt == NK - 1) & (end - 1 - kt >= start):
+        _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
 
 
 @gluon.jit
