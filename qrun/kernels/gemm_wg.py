@@ -528,8 +528,9 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
                 kx, rx, mx = _sk_next(kx, rx, mx, NK, MT, NR, BLOCK_M)
         if (kt == NK - 1) | (it == end - 1):  # the last step of this tile here
             acc = warpgroup_mma_wait(0, deps=[acc])
-            if (it - kt >= start) & (kt == NK - 1) & (it != end - 1):  # a whole tile, not the last: store it
-                _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
+            if (it - kt >= start) & (kt == NK - 1):  # a whole tile: store it (the last one after the loop)
+                if it != end - 1:
+                    _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
             else:  # part of it: add into the tile's slot; the last of its programs to arrive stores the sum
                 first_p = _sk_owner(it - kt, P, T)  # it - kt: the tile's first step
                 parts = _sk_owner(it - kt + NK - 1, P, T) - first_p + 1
