@@ -219,7 +219,6 @@ def _store_tile(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BI
     """The epilogue: acc (BLOCK_N, BLOCK_M) float32 is a y^T tile (output rows x tokens; with SILU its first
     BLOCK_N / 2 rows gate, the rest the same rows of up) -> y[off_m :, r0 :] (+ bias, or silu(gate) * up), stored
     along n (contiguous in y), 8 outputs a thread. xs: the x buffers, free now (every wgmma has retired)."""
-    DT: gl.constexpr = xs.dtype
     NR: gl.constexpr = BLOCK_N // 2 if SILU else BLOCK_N  # output rows
     TN: gl.constexpr = NR // 8 if NR // 8 < 32 else 32
     YL: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[TN, 32 // TN],
@@ -243,19 +242,26 @@ def _store_tile(acc, xs, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BI
         out = gl.convert_layout(acc, YL)
     rows = r0 + gl.arange(0, NR, layout=gl.SliceLayout(1, YL))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, YL))
+    _store_rows(out, rows, offs_m, bias_ptr, y_ptr, M, N_OUT, stride_ym, HAS_BIAS, EVEN)
+
+
+@gluon.jit
+def _store_rows(out, rows, toks, bias_ptr, y_ptr, M, N_OUT, stride_ym, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr):
+    """out (rows, tokens) float32, a y^T tile -> y[toks, rows] (+ bias[rows]), masked unless EVEN."""
+    DT: gl.constexpr = y_ptr.dtype.element_ty
     if HAS_BIAS:
         out += gl.load(bias_ptr + rows, mask=rows < N_OUT, other=0.0).to(gl.float32)[:, None]
-    yp = y_ptr + offs_m[None, :] * stride_ym + rows[:, None]
+    yp = y_ptr + toks[None, :] * stride_ym + rows[:, None]
     if EVEN:
         gl.store(yp, out.to(DT))
     else:
-        gl.store(yp, out.to(DT), mask=(rows < N_OUT)[:, None] & (offs_m < M)[None, :])
+        gl.store(yp, out.to(DT), mask=(rows < N_OUT)[:, None] & (toks < M)[None, :])
 
 
 @gluon.jit
 def gemm_il4_wg_kernel(
-    # x (M, K) and the packed il4 W viewed as (N / 4, 2 K) bytes, as TMA descriptors (blocks (BLOCK_M, 64) and
-    # (BLOCK_N / 4, 128)); scales, zeros (N, K/B) il4; bias (N_OUT,) or dummy; y (M, N_OUT)
+    # x (M, K) and the packed il4 W viewed as (N / 4, K / 2) int32 words, as TMA descriptors (blocks (BLOCK_M, 64)
+    # and (BLOCK_N / 4, 32)); scales, zeros (N, K/B) il4; bias (N_OUT,) or dummy; y (M, N_OUT)
     x_desc, w_desc, s_ptr, z_ptr, bias_ptr, y_ptr,
     M, N_OUT, stride_sn, stride_zn, stride_ym,
     B: gl.constexpr, ASYM: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
@@ -455,14 +461,7 @@ def _sk_store(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS: gl
         L: gl.constexpr = acc.type.layout
         r = r0 + gl.arange(0, BN, layout=gl.SliceLayout(1, L))
         t = off_m + gl.arange(0, BQ, layout=gl.SliceLayout(0, L))
-        out = acc
-        if HAS_BIAS:
-            out += gl.load(bias_ptr + r, mask=r < N_OUT, other=0.0).to(gl.float32)[:, None]
-        yp = y_ptr + t[None, :] * stride_ym + r[:, None]
-        if EVEN:
-            gl.store(yp, out.to(DT))
-        else:
-            gl.store(yp, out.to(DT), mask=(r < N_OUT)[:, None] & (t < M)[None, :])
+        _store_rows(acc, r, t, bias_ptr, y_ptr, M, N_OUT, stride_ym, HAS_BIAS, EVEN)
 
 
 @gluon.jit
