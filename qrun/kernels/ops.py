@@ -359,9 +359,10 @@ _sk_ws: dict[tuple, tuple] = {}
 
 def _sk_workspace(device: torch.device, progs: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The stream-K GEMM's workspace (gemm_wg.gemm_il4_ws_kernel): a float32 tile slot and an arrival counter a
-    program, zeros; the kernel leaves them zeros after every call, so one pair serves every call on the device
-    (one stream: a prefill's GEMMs run one after another)."""
-    key = (str(device), progs, tile)
+    program, zeros; the kernel leaves them zeros after every call, so one pair serves every call on a stream (its
+    GEMMs run one after another). One pair a stream, so that GEMMs on two streams never share one."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, progs, tile)
     if key not in _sk_ws:
         _sk_ws[key] = (torch.zeros(progs * tile, dtype=torch.float32, device=device),
                        torch.zeros(progs, dtype=torch.int32, device=device))
