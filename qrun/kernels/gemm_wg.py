@@ -14,10 +14,14 @@ t + 1 runs beside tile t's MMAs.
 The product is computed transposed, as gemm.py's SWAP: acc (BLOCK_N, BLOCK_M) = W_tile (BLOCK_N, 64) @
 x^T (64, BLOCK_M), so the weight's rows are wgmma's M side (64 a warpgroup) and M only has to fill its N side.
 The packed W tile and the x tile come by TMA (STAGES buffers, STAGES - 2 tiles ahead; rows past N or M are
-zero-filled), and each thread dequantizes one 16-byte il4 chunk (4 rows x 8 k) read from shared memory. Plain
+zero-filled), and each thread dequantizes 16-byte il4 chunks (4 rows x 8 k) read from shared memory. Plain
 global loads would be waited for at every step: the proxy fence that makes the stored W tile visible to the
 wgmma (fence.proxy.async) is a MEMBAR in SASS, which waits for every load of the thread still in flight. Only
 the scales (a few bytes a row) still come by plain loads, issued a step ahead, before that step's dequantization.
+
+Two kernels: gemm_il4_wg_kernel, where every warp dequantizes and issues wgmmas, and gemm_il4_ws_kernel (below:
+warp-specialized, the dequantization in warps of its own; persistent, with stream-K), which the launcher times
+beside it. Both dequantize with _dequant (a nibble or-ed into 1.0's mantissa and one exact FFMA).
 
 Limits (the launcher checks them and otherwise uses gemm.py): int4_sym or int4_asym in "il4", bf16 or fp16
 activations, K a multiple of 64 and quantization blocks of 64 k or more, sm_90. Gluon has no interpreter: the

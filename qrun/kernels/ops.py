@@ -409,9 +409,8 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
         # where the kernel does not apply (_wg_applies), and for gate+up those whose x buffers cannot hold the
         # float32 accumulator for the SILU epilogue (buffers x 32 < BLOCK_N).
         # Its warp-specialized variant (gemm_il4_ws_kernel) first of all: (BLOCK_N, BLOCK_M, x buffers, packed W
-        # buffers, W buffers), 8 MMA warps and 4 dequantizing warps at 168 registers a thread (12 warps: the
-        # register file's 65536 / 384).
-        # SK: the steps spread over one program a SM (stream-K), else one program a tile.
+        # buffers, W buffers, SK: the steps spread over one program a SM (stream-K), else one program a tile), 8
+        # MMA warps and 4 dequantizing warps at 168 registers a thread (12 warps: the register file's 65536 / 384).
         ws_cfgs = ((128, 256, 4, 6, 2, True), (128, 256, 4, 6, 2, False), (128, 256, 4, 6, 3, True),
                    (128, 128, 6, 6, 3, True)) if GEMM_WS else ()
         for bn, bm, st, qs, wst, sk in ws_cfgs:
