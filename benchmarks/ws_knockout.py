@@ -36,8 +36,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1024)
     ap.add_argument("--shapes", default="7B down,7B gate+up,7B o")
     ap.add_argument("--configs", default="128,256,4,6,2,1;128,256,4,6,2,0",
-                    help="BLOCK_N,BLOCK_M,x buffers,packed W buffers,W buffers,stream-K (1) or a program a tile "
-                         "(0); several separated by ';'")
+                    help="BLOCK_N,BLOCK_M,x buffers,packed W buffers,W buffers,stream-K over one program a SM (1) "
+                         "or a program a tile (0); several separated by ';'")
     ap.add_argument("--no-knock", action="store_true", help="time the kernel only")
     a = ap.parse_args()
     m = a.m
@@ -76,7 +76,7 @@ def main() -> None:
             cnt = torch.zeros(progs, device="cuda", dtype=torch.int32)
             for knock, what in KNOCKS.items():
                 def fn(knock=knock):
-                    gemm_il4_ws_kernel[(progs,)](xd, wd, s, s, y, y, part, cnt, *args[4:], tiles * (k // 64), mt,
+                    gemm_il4_ws_kernel[(progs,)](xd, wd, s, s, y, y, part, cnt, *args[4:], tiles * (k // 64), mt, 0,
                                                  BLOCK_N=bn, BLOCK_M=bm, STAGES=st, QSTAGES=qs, WSTAGES=wst,
                                                  DQ_WARPS=4, DQ_REGS=168, num_warps=8, maxnreg=168, KNOCK=knock,
                                                  **common)

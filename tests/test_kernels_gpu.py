@@ -324,6 +324,7 @@ def test_tc16_gate_up_gemm_7b_repeated():
     (1024, 3584, 3584, False, False, torch.bfloat16, 128),  # Qwen2.5-7B o at prefill: whole tiles (EVEN)
     (300, 896, 1152, False, True, torch.bfloat16, 64),      # Qwen2-0.5B qkv with its bias; M not whole tiles
     (200, 896, 2 * 4864, True, False, torch.bfloat16, 128),  # 0.5B gate+up, SILU epilogue
+    (1024, 896, 2 * 4864, True, False, torch.bfloat16, 128),  # 304 tiles: the 40 after two waves split 3 ways
     (130, 4864, 200, False, False, torch.float16, 256),     # N not whole tiles, fp16, blocks of 256
 ])
 def test_gluon_gemm_every_config(enc, m, k, n, silu, bias, dt, b):

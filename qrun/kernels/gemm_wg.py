@@ -312,12 +312,14 @@ def gemm_il4_wg_kernel(
 # The hand-offs are mbarriers (x and packed W: the TMA's bytes; a W tile ready: the dequantization's arrival; a
 # W buffer free: the MMA partition's). An arrival comes from one thread, after a barrier of its partition's warps.
 #
-# The work is the K steps of every tile, tile-major: T = tiles x NK steps, program p taking steps
-# [p T / P, (p + 1) T / P). With P = tiles each program has one whole tile (data-parallel). With P = the SM count
-# (stream-K) every SM gets the same number of steps: 112 tiles of 7B down no longer leave 20 SMs idle, nor do
-# 7B qkv's 144 tiles make a second wave of 12. A tile split between programs is summed in float32 in a
-# workspace slot (atomic adds); the program that arrives last at the slot's counter reads the sum, resets slot
-# and counter for the next call, and stores the tile. Nobody waits for anybody, so it cannot deadlock.
+# The work is the K steps of a run of tiles (from TILE0), tile-major: T = tiles x NK steps, program p taking steps
+# [p T / P, (p + 1) T / P). With P = tiles each program has one whole tile (data-parallel). With more programs
+# than tiles a tile is split between programs: its parts are summed in float32 in a workspace slot (atomic
+# adds); the program that arrives last at the slot's counter reads the sum, resets slot and counter for the
+# next call, and stores the tile. Nobody waits for anybody, so it cannot deadlock. The launcher (ops._launch)
+# runs the whole waves of tiles one program a tile, then the tiles left over (7B qkv: 144 tiles = one wave of
+# 132 and 12) split a few ways, so that they do not make a second wave of 12 SMs. Spreading every tile over one
+# program a SM (stream-K proper) measured slower: each program adds ~2 partial tiles of 128 KB (PERF.md 71).
 
 
 @gluon.jit
@@ -482,7 +484,7 @@ def _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS:
 
 @gluon.jit
 def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias_ptr, y_ptr, part_ptr, cnt_ptr,
-            start, end, T, NK, MT, M, N_OUT, stride_ym, SILU: gl.constexpr, HAS_BIAS: gl.constexpr,
+            base, start, end, T, NK, MT, M, N_OUT, stride_ym, SILU: gl.constexpr, HAS_BIAS: gl.constexpr,
             EVEN: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, KNOCK: gl.constexpr,
             num_warps: gl.constexpr):
     """The default partition: for each step, W tile @ x tile^T into the float32 accumulator, one wgmma group in
@@ -535,8 +537,8 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
                 if it != end - 1:
                     _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
             else:  # part of it: add into the tile's slot; the last of its programs to arrive stores the sum
-                first_p = _sk_owner(it - kt, P, T)  # it - kt: the tile's first step
-                parts = _sk_owner(it - kt + NK - 1, P, T) - first_p + 1
+                first_p = _sk_owner(it - kt - base, P, T)  # it - kt: the tile's first step
+                parts = _sk_owner(it - kt - base + NK - 1, P, T) - first_p + 1
                 rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
                 cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
                 slot = part_ptr + first_p * (BLOCK_N * BLOCK_M) + rows[:, None] * BLOCK_M + cols[None, :]  # acc's layout
@@ -561,9 +563,10 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
 @gluon.jit
 def gemm_il4_ws_kernel(
     # as gemm_il4_wg_kernel, plus the stream-K workspace: part (P, BLOCK_N, BLOCK_M) float32 and cnt (P,) int32,
-    # zeros before the first call (every call leaves them so); T: steps in all (tiles x K tiles); MT: token tiles
+    # zeros before the first call (every call leaves them so); the tiles from TILE0 on, T steps in all (tiles x K
+    # tiles); MT: token tiles
     x_desc, w_desc, s_ptr, z_ptr, bias_ptr, y_ptr, part_ptr, cnt_ptr,
-    M, N_OUT, stride_sn, stride_zn, stride_ym, T, MT,
+    M, N_OUT, stride_sn, stride_zn, stride_ym, T, MT, TILE0,
     B: gl.constexpr, ASYM: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QSTAGES: gl.constexpr,
     WSTAGES: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, EVEN: gl.constexpr,
@@ -578,9 +581,10 @@ def gemm_il4_ws_kernel(
     DT: gl.constexpr = x_desc.dtype
     P = gl.num_programs(0)
     pid = gl.program_id(0)
-    start = ((pid.to(gl.int64) * T) // P).to(gl.int32)
-    end = (((pid + 1).to(gl.int64) * T) // P).to(gl.int32)
     NK = x_desc.shape[1] // 64
+    base = TILE0 * NK  # steps are numbered over all tiles; this launch has T of them from base
+    start = base + ((pid.to(gl.int64) * T) // P).to(gl.int32)
+    end = base + (((pid + 1).to(gl.int64) * T) // P).to(gl.int32)
     xs = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
     wq = gl.allocate_shared_memory(gl.int32, [QSTAGES, BLOCK_N // 4, 32], w_desc.layout)
     WS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -599,7 +603,7 @@ def gemm_il4_ws_kernel(
         mbarrier.init(w_empty.index(i), count=1)
     gl.warp_specialize([
         (_sk_mma, (x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias_ptr, y_ptr, part_ptr,
-                   cnt_ptr, start, end, T, NK, MT, M, N_OUT, stride_ym, SILU, HAS_BIAS, EVEN, BLOCK_N, BLOCK_M, KNOCK,
+                   cnt_ptr, base, start, end, T, NK, MT, M, N_OUT, stride_ym, SILU, HAS_BIAS, EVEN, BLOCK_N, BLOCK_M, KNOCK,
                    num_warps)),
         (_sk_dequant, (s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, start, end, NK, MT, N_OUT, stride_sn,
                        stride_zn, B, ASYM, SILU, EVEN, BLOCK_M, KNOCK)),

@@ -409,13 +409,15 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
         # where the kernel does not apply (_wg_applies), and for gate+up those whose x buffers cannot hold the
         # float32 accumulator for the SILU epilogue (buffers x 32 < BLOCK_N).
         # Its warp-specialized variant (gemm_il4_ws_kernel) first of all: (BLOCK_N, BLOCK_M, x buffers, packed W
-        # buffers, W buffers, SK: the steps spread over one program a SM (stream-K), else one program a tile), 8
-        # MMA warps and 4 dequantizing warps at 168 registers a thread (12 warps: the register file's 65536 / 384).
-        ws_cfgs = ((128, 256, 4, 6, 2, True), (128, 256, 4, 6, 2, False), (128, 256, 4, 6, 3, True),
-                   (128, 128, 6, 6, 3, True)) if GEMM_WS else ()
+        # buffers, W buffers, ways: the tiles left over after the whole waves split up to that many ways, or 0:
+        # one program a tile), 8 MMA warps and 4 dequantizing warps at 168 registers a thread (12 warps: the
+        # register file's 65536 / 384).
+        ws_cfgs = ((128, 256, 4, 6, 2, 4), (128, 256, 4, 6, 2, 0), (128, 256, 4, 6, 3, 4), (128, 256, 4, 6, 3, 0),
+                   (128, 256, 4, 6, 3, 2)) if GEMM_WS else ()
         for bn, bm, st, qs, wst, sk in ws_cfgs:
             out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=8, num_stages=st,
-                            QSTAGES=qs, WSTAGES=wst, DQ_WARPS=4, maxnreg=168, SK=sk, WG=True, WS=True))
+                            QSTAGES=qs, WSTAGES=wst, DQ_WARPS=4, maxnreg=168, SK=sk > 0, SK_WAYS=sk, WG=True,
+                            WS=True))
         for bn, bm, warps, stages in ((128, 256, 8, 4), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 4, 4),
                                       (128, 64, 8, 4)):
             out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=64, SWAP=True, num_warps=warps, num_stages=stages,
@@ -619,16 +621,24 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                             BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], STAGES=c["num_stages"],
                             EVEN=m % c["BLOCK_M"] == 0 and n_out % nr == 0, num_warps=c["num_warps"])
             if c.get("WS"):
-                tiles = grid[0] * grid[1]
-                progs = _sm_count(x.device) if c["SK"] else tiles
-                # (one program a tile never splits one: a one-element dummy then)
-                part, cnt = _sk_workspace(x.device, progs, c["BLOCK_N"] * c["BLOCK_M"]) if c["SK"] \
-                    else _sk_workspace(x.device, 1, 1)
-                nk = k // 64
-                LAST["gemm"] = gemm_il4_ws_kernel[(progs,)](
-                    *args[:6], part, cnt, *args[6:], tiles * nk, grid[1], QSTAGES=c["QSTAGES"],
-                    WSTAGES=c["WSTAGES"], DQ_WARPS=c["DQ_WARPS"], DQ_REGS=c["maxnreg"], maxnreg=c["maxnreg"],
-                    **common_c)
+                tiles, nk = grid[0] * grid[1], k // 64
+                # SK: whole waves one program a tile, then the tiles left over split `ways` ways; else every
+                # tile one program (one launch; a one-element dummy workspace: no tile is split)
+                sms = _sm_count(x.device)
+                rest = tiles % sms if c["SK"] else 0
+                ways = max(1, min(sms // max(rest, 1), nk // 4, c["SK_WAYS"])) if rest else 1
+                ws_kw = dict(QSTAGES=c["QSTAGES"], WSTAGES=c["WSTAGES"], DQ_WARPS=c["DQ_WARPS"],
+                             DQ_REGS=c["maxnreg"], maxnreg=c["maxnreg"], **common_c)
+                whole = tiles - rest if ways > 1 else tiles
+                if whole:
+                    part, cnt = _sk_workspace(x.device, 1, 1)
+                    LAST["gemm"] = gemm_il4_ws_kernel[(whole,)](*args[:6], part, cnt, *args[6:], whole * nk,
+                                                               grid[1], 0, **ws_kw)
+                if whole < tiles:
+                    progs = rest * ways
+                    part, cnt = _sk_workspace(x.device, progs, c["BLOCK_N"] * c["BLOCK_M"])
+                    LAST["gemm"] = gemm_il4_ws_kernel[(progs,)](*args[:6], part, cnt, *args[6:], rest * nk,
+                                                               grid[1], whole, **ws_kw)
             else:
                 LAST["gemm"] = gemm_il4_wg_kernel[grid](*args, **common_c)
             return out
