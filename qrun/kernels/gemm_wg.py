@@ -296,7 +296,7 @@ def gemm_il4_wg_kernel(
                 EVEN, num_warps)
 
 
-# ---- warp-specialized, persistent variant: dequantization in its own warps, K split evenly over the SMs ----------
+# ---- warp-specialized variant: dequantization in its own warps; tiles split between programs where it pays ----
 # gemm_il4_wg_kernel's eight warps dequantize a tile, fence, meet at CTA barriers and only then issue its
 # wgmmas: a K step of 128 x 256 x 64 took ~1650 cycles for ~1024 of MMA (PERF.md attempt 66). Here the warps
 # are split by task (gl.warp_specialize), and the tensor cores only wait when the dequantization falls behind:
