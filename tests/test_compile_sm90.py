@@ -92,12 +92,12 @@ def test_gluon_gemm_compiles_unserialized_without_spills():
     bad = []
     for kernel, types, const, nw, ns in cc.gemm_wg_variants():
         k = cc.compile_one(kernel, types, const, nw, ns)
-        regs, local = cr.report(k)[:2]
+        regs, local, _, sass = cr.report(k)
         # LOCAL reads 0 for the warp-specialized kernel's spills. It may park a few values (two registers in
         # its SILU asym variant, stored before the K loop, read back in a tile's epilogue), but no spill store
         # may sit in the loop, where every step would pay for it
         spills = cc.spill_bytes(k)
-        loop_spills = sum(ins.startswith("STL") for ins in cc.k_loop(cr.report(k)[3]))
+        loop_spills = sum(ins.startswith("STL") for ins in cc.k_loop(sass))
         spills = spills if spills > 16 or loop_spills else 0
         why = cc.wgmma_serialized(k)
         if int(local) or spills or why or "wgmma.mma_async" not in k.asm["ptx"]:

@@ -324,12 +324,12 @@ def gemm_il4_wg_kernel(
 
 @gluon.jit
 def _sk_step(it, NK, MT, NR: gl.constexpr, BLOCK_M: gl.constexpr):
-    """Step it -> (tile, its K tile kt, the tile's first output row r0, its first token off_m). Tiles go token
+    """Step it -> (its tile's K tile kt, the tile's first output row r0, its first token off_m). Tiles go token
     tile fastest, so the programs reading a row tile's weights run at the same time (L2 serves the rest)."""
     tile = it // NK
     kt = it - tile * NK
     rt = tile // MT
-    return tile, kt, rt * NR, (tile - rt * MT) * BLOCK_M
+    return kt, rt * NR, (tile - rt * MT) * BLOCK_M
 
 
 @gluon.jit
@@ -372,10 +372,10 @@ def _sk_dequant(s_ptr, z_ptr, wq, ws, q_ready, w_ready, w_empty, start, end, NK,
     # + FENCE.VIEW.ASYNC in SASS) waits for every load of the thread still in flight, so loads issued just
     # before it would put their whole latency on this partition's path each step. (kt2, r02, m2): step it + 2,
     # clamped to the last step; its tile's row groups are worked out again only when the tile changes.
-    tile, kt2, r02, m2 = _sk_step(start, NK, MT, NR, BLOCK_M)
+    kt2, r02, m2 = _sk_step(start, NK, MT, NR, BLOCK_M)
     rmask, gsc, gzr = _row_groups(r02, N_OUT, stride_sn, stride_zn, G, SILU, V3)
     sc = _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt2, B, ASYM, EVEN, V3)
-    tile, kt2, r02, m2 = _sk_step(gl.minimum(start + 1, end - 1), NK, MT, NR, BLOCK_M)
+    kt2, r02, m2 = _sk_step(gl.minimum(start + 1, end - 1), NK, MT, NR, BLOCK_M)
     rmask, gsc, gzr = _row_groups(r02, N_OUT, stride_sn, stride_zn, G, SILU, V3)
     scn = _scales(s_ptr, z_ptr, gsc, gzr, rmask, kt2, B, ASYM, EVEN, V3)
     one = _one_bits(N_OUT)
@@ -500,7 +500,7 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
     P = gl.num_programs(0)
     # prologue: the first QS packed W tiles and ST x tiles in flight; (kw, rw, mw) and (kx, rx, mx): the steps
     # whose loads come next, advanced by _sk_next (no divisions in the loop)
-    tile, kw, rw, mw = _sk_step(start, NK, MT, NR, BLOCK_M)
+    kw, rw, mw = _sk_step(start, NK, MT, NR, BLOCK_M)
     kx, rx, mx = kw, rw, mw
     for j in gl.static_range(QS if QS > ST else ST):
         if start + j < end:
@@ -511,7 +511,7 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
                 _sk_loads(x_desc, w_desc, xs, wq, x_ready, q_ready, j, kx, rx, mx, N_OUT, SILU, True, False)
                 kx, rx, mx = _sk_next(kx, rx, mx, NK, MT, NR, BLOCK_M)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    _, kt, r0, off_m = _sk_step(start, NK, MT, NR, BLOCK_M)
+    kt, r0, off_m = _sk_step(start, NK, MT, NR, BLOCK_M)
     for it in range(start, end):
         n = it - start
         mbarrier.wait(w_ready.index(n % WST), (n // WST) & 1)
@@ -555,7 +555,7 @@ def _sk_mma(x_desc, w_desc, xs, wq, ws, x_ready, q_ready, w_ready, w_empty, bias
         kt, r0, off_m = _sk_next(kt, r0, off_m, NK, MT, NR, BLOCK_M)
     # the program's last tile, when it has the whole of it, after the loop: there the accumulator is dead once
     # stored, and the epilogue's registers do not spill (in the loop it stays live for the next step)
-    _, kt, r0, off_m = _sk_step(end - 1, NK, MT, NR, BLOCK_M)
+    kt, r0, off_m = _sk_step(end - 1, NK, MT, NR, BLOCK_M)
     if (end > start) & (kt == NK - 1) & (end - 1 - kt >= start):
         _sk_epilogue(acc, bias_ptr, y_ptr, r0, off_m, M, N_OUT, stride_ym, HAS_BIAS, SILU, EVEN)
 

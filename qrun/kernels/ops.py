@@ -626,7 +626,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                 # tile one program (one launch; a one-element dummy workspace: no tile is split)
                 sms = _sm_count(x.device)
                 rest = tiles % sms if c["SK"] else 0
-                ways = max(1, min(sms // max(rest, 1), nk // 4, c["SK_WAYS"])) if rest else 1
+                ways = max(1, min(sms // rest, nk // 4, c["SK_WAYS"])) if rest else 1
                 ws_kw = dict(QSTAGES=c["QSTAGES"], WSTAGES=c["WSTAGES"], DQ_WARPS=c["DQ_WARPS"],
                              DQ_REGS=c["maxnreg"], maxnreg=c["maxnreg"], **common_c)
                 whole = tiles - rest if ways > 1 else tiles
