@@ -121,6 +121,29 @@ def k_loop(sass: str) -> list[str]:
     return []
 
 
+def loop_sizes(sass: str) -> list[tuple[int, str]]:
+    """Every innermost loop of the SASS (a backward branch whose body holds no other): (instructions, its most
+    frequent opcodes). `--loops` prints them: the Gluon GEMMs' K loops, e.g. the dequantizing partition's step
+    (PERF.md attempt 70)."""
+    from collections import Counter
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,6}\*/", ln)]
+    ins = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", ln).split(";")[0].strip() for ln in lines]
+    addr = [int(re.search(r"/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    loops = []
+    for i, s in enumerate(ins):
+        m = re.search(r"BRA\s+(?:!?U?P\d, )?0x([0-9a-f]+)", s)
+        if m and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
+            loops.append((addr.index(int(m.group(1), 16)), i))
+    out = []
+    for a, b in loops:
+        if any(a <= a2 and b2 <= b and (a2, b2) != (a, b) for a2, b2 in loops):
+            continue  # not innermost
+        opc = Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in ins[a:b + 1] if x)
+        if b - a + 1 >= 50:  # spin-waits on an mbarrier are a few instructions
+            out.append((b - a + 1, " ".join(f"{o}:{c}" for o, c in opc.most_common(6))))
+    return out
+
+
 _NO_REG_DEST = ("ST", "RED", "BAR", "BRA", "EXIT", "DEPBAR", "WARPGROUP", "LDGSTS", "LDGDEPBAR", "NOP", "SYNCS",
                 "MEMBAR", "FENCE", "CCTL", "ERRBAR", "WARPSYNC", "HGMMA")
 
@@ -332,6 +355,8 @@ FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "il4_rope": il4_rope_var
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=",".join(FAMILIES), help="comma-separated families: " + ",".join(FAMILIES))
+    ap.add_argument("--loops", action="store_true", help="print each variant's innermost loops of 50 or more SASS "
+                    "instructions (size and most frequent opcodes)")
     a = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90", flush=True)
     failed = 0
@@ -347,6 +372,10 @@ def main() -> None:
                 msg = str(e).strip().splitlines()
                 bad.append(f"  {kernel.fn.__name__} {const} warps={nw}: {msg[-1] if msg else type(e).__name__}")
                 continue
+            if a.loops:
+                import compile_report as cr
+                for size, opc in loop_sizes(cr.report(k)[3]):
+                    print(f"  {kernel.fn.__name__} {const}: loop of {size} instructions ({opc})", flush=True)
             if why:
                 serial.append(f"  serialized wgmma: {kernel.fn.__name__} {const} warps={nw}: {why}")
             if hz:  # a correctness failure, not a performance note
