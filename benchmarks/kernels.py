@@ -221,11 +221,12 @@ def sweep_gemv4(shapes):
         if name not in SWEEP:
             continue
         LAYOUT[0] = layout_for(CHOICE[0], name, n)
-        attr = {"il4": "_il4_candidates", "tc16": "_tc16_candidates", "rows": "_gemv4_candidates"}[LAYOUT[0]]
+        # il4: gemv_il4_kernel's configs and the TMA GEMV's (gemv_tma.py) where it runs
+        attr = {"il4": "_il4_all_candidates", "tc16": "_tc16_candidates", "rows": "_gemv4_candidates"}[LAYOUT[0]]
         orig = getattr(ops, attr)
         nb = -(-k // BLOCK)
         res = []
-        for cfg in {"il4": lambda: orig(nb), "tc16": lambda: orig(every=True),
+        for cfg in {"il4": lambda: orig(ENC, BLOCK, k, torch.cuda.current_device()), "tc16": lambda: orig(every=True),
                     "rows": lambda: orig(BLOCK, nb)}[LAYOUT[0]]():
             setattr(ops, attr, lambda *a, c=cfg, **kw: [c])
             # the launcher's cache would hand back the config tuned by the correctness check (until round 4
@@ -244,7 +245,11 @@ def sweep_gemv4(shapes):
             del fns
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
         # the best without an L2 prefetch too (il4's PF, round 9), to tell what the prefetch adds
-        no_pf = next((f"  best PF 0: {t:.2f}us" for t, c in res if not c.get("PF")), "")
+        no_pf = next((f"  best PF 0: {t:.2f}us" for t, c in res if not c.get("PF") and not c.get("TMA")), "")
+        # and the best of each il4 GEMV (registers or TMA)
+        no_pf += next((f"  best gemv_il4: {t:.2f}us" for t, c in res if not c.get("TMA")), "")
+        no_pf += next((f"  best TMA: {t:.2f}us " + "/".join(str(v) for v in c.values()) for t, c in res
+                       if c.get("TMA")), "")
         lines.append(f"{name:14s} " + "  ".join(
             f"{t:.2f}us " + "/".join(str(v) for key, v in c.items() if key != "num_stages") for t, c in res[:6])
             + no_pf)
