@@ -223,9 +223,13 @@ def gemv_il4_tma_kernel(
     N_OUT, K, NKT, U, eps,
     B: gl.constexpr, ASYM: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr, NORM: gl.constexpr,
     HAS_RES: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+    KNOCK: gl.constexpr = 0,
 ):
     """y = dequant(W) x (+ bias) (+ residual), or with NORM of rmsnorm(x) * norm weight, or with SILU (rows [0,
-    N_OUT) gate, [N_OUT, 2 N_OUT) up) silu(gate) * up. U = row blocks x NKT units (NKT = K / 512)."""
+    N_OUT) gate, [N_OUT, 2 N_OUT) up) silu(gate) * up. U = row blocks x NKT units (NKT = K / 512).
+    KNOCK (benchmarks only, QRUN_TMA_KNOCK; the result is wrong unless 0): 1 leaves the arithmetic out (each word
+    added as a float), to time the loads and the ring alone; 2 leaves the loop's loads and waits out (the
+    arithmetic runs on what the prologue loaded), to time the arithmetic alone."""
     RB: gl.constexpr = w_desc.block_type.shape[0]
     PB: gl.constexpr = B // 8          # word positions a quantization block
     NBT: gl.constexpr = KC // PB       # quantization blocks a unit
@@ -324,8 +328,9 @@ def gemv_il4_tma_kernel(
         n = u - start
         buf = n % STAGES
         ph = (n // STAGES) & 1
-        mbarrier.wait(wbar.index(buf), ph)
-        mbarrier.wait(xbar.index(buf), ph)
+        if KNOCK != 2:
+            mbarrier.wait(wbar.index(buf), ph)
+            mbarrier.wait(xbar.index(buf), ph)
         w = wg4.index(buf).load(L4)
         s = sg4.index(buf).load(L4).to(gl.float32)
         if ASYM:
@@ -343,7 +348,7 @@ def gemv_il4_tma_kernel(
         if NORM:
             nv = nr4.index(buf).load(LX).to(gl.float32)
         _cta_barrier()  # every warp has read buffer buf: unit n + STAGES may land in it
-        if u + STAGES < end:
+        if (u + STAGES < end) & (KNOCK != 2):
             _load_w(w_desc, s_desc, z_desc, wg, wu, sg, su, zg, zu, wbar, buf, rl, kl, N4, ASYM, SILU)
             _load_x(x_desc, n_desc, xr, nr, xbar, buf, kl, NORM)
             kl += 1
@@ -355,9 +360,14 @@ def gemv_il4_tma_kernel(
             xv = xv * nv
         xs = gl.convert_layout(gl.sum(xv, axis=3), gl.SliceLayout(3, L4), assert_trivial=True)[:, :, :, None]
         x0, x1, x2, x3, x4, x5, x6, x7 = _split_x(xv, L4)
-        acc = _rows_dot(acc, w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, xs, ASYM)
-        if SILU:
-            acc_u = _rows_dot(acc_u, w2, s2, z2, x0, x1, x2, x3, x4, x5, x6, x7, xs, ASYM)
+        if KNOCK == 1:
+            acc = acc + w.to(gl.float32) * s + xs
+            if SILU:
+                acc_u = acc_u + w2.to(gl.float32) * s2
+        else:
+            acc = _rows_dot(acc, w, s, z, x0, x1, x2, x3, x4, x5, x6, x7, xs, ASYM)
+            if SILU:
+                acc_u = _rows_dot(acc_u, w2, s2, z2, x0, x1, x2, x3, x4, x5, x6, x7, xs, ASYM)
         if (kt == NKT - 1) | (u == end - 1):
             _flush(acc, acc_u, ssq, u, kt, rb, start, pid, P, U, NKT, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr,
                    part_ptr, cnt_ptr, RB, HAS_BIAS, SILU, NORM, HAS_RES, L4, LX)

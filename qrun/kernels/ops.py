@@ -55,6 +55,7 @@ GEMM_WG = os.environ.get("QRUN_GEMM_WG", "1") == "1"
 GEMM_WS = os.environ.get("QRUN_GEMM_WS", "1") == "1"
 # 1 (default): the TMA GEMV (gemv_tma.py: il4 int4, M = 1, sm_90) joins the il4 GEMV's configs; 0 leaves it out.
 GEMV_TMA = os.environ.get("QRUN_GEMV_TMA", "1") == "1"
+TMA_KNOCK = int(os.environ.get("QRUN_TMA_KNOCK", 0))  # benchmarks only: gemv_tma's KNOCK (wrong results unless 0)
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -278,8 +279,8 @@ IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1
 def _tma_candidates() -> list[dict]:
     """The TMA GEMV's configs (gemv_tma.py): RB row groups a unit, STAGES units in flight, CPS programs a SM."""
     return [dict(TMA=True, RB=rb, STAGES=st, CPS=cps, num_warps=w)
-            for rb, st, cps, w in ((8, 6, 1, 4), (8, 8, 1, 4), (8, 6, 1, 8), (16, 4, 1, 8), (8, 4, 2, 4),
-                                   (4, 8, 2, 4))]
+            for rb, st, cps, w in ((8, 4, 2, 4), (8, 4, 2, 8), (16, 3, 2, 8), (16, 4, 1, 16), (16, 4, 1, 8),
+                                   (8, 4, 3, 4), (8, 6, 1, 4))]
 
 
 def _tma_shape_ok(encoding: str, block_size: int, k: int, nb: int) -> bool:
@@ -735,7 +736,8 @@ def _launch_tma(c, x2, norm_weight, w, s, zz, b, res, out, n_out, k, block_size,
     LAST["gemv"] = gemv_il4_tma_kernel[(progs,)](
         xd, nd, wd, sd, zd, b, res, out, part, cnt, n_out, k, nkt, units, eps, B=block_size,
         ASYM=flags["ENC"] == "int4_asym", HAS_BIAS=flags["HAS_BIAS"], SILU=flags["SILU"], NORM=flags["NORM"],
-        HAS_RES=flags["HAS_RES"], STAGES=c["STAGES"], PDL=pdl, num_warps=c["num_warps"], **launch_kw)
+        HAS_RES=flags["HAS_RES"], STAGES=c["STAGES"], PDL=pdl, num_warps=c["num_warps"], KNOCK=TMA_KNOCK,
+        **launch_kw)
 
 
 def wg_config_ok(c: dict, silu: bool) -> bool:
