@@ -310,28 +310,6 @@ def gemm_wg_variants():
                         STAGES=c["num_stages"], EVEN=even, num_warps=c["num_warps"], **extra), c["num_warps"], 1)
 
 
-def gemv_tma_variants():
-    """The TMA GEMV (gemv_tma.py) in every config the launcher offers: sym, asym with a bias, residual and the
-    fused norm, gate+up (sym with the norm; asym fp16), at blocks of 128 (and 64 for one)."""
-    from qrun.kernels.gemv_tma import B_LAYOUT, H_LAYOUT, W_LAYOUT
-    from qrun.kernels.gemv_tma import gemv_il4_tma_kernel as kern
-    for c in ops._tma_candidates():
-        rb = c["RB"]
-        for asym, silu, extra, norm, dt, b in ((False, False, False, False, "bf16", 128),
-                                               (True, False, True, True, "bf16", 128),
-                                               (False, True, False, True, "bf16", 128),
-                                               (True, True, False, False, "fp16", 64)):
-            nbt = 512 // b
-            types = ptrs(("bias_ptr", "res_ptr", "y_ptr", "part_ptr", "cnt_ptr"), dt, part_ptr="*fp32",
-                         cnt_ptr="*i32")
-            types["x_desc"] = types["n_desc"] = f"tensordesc<{dt}[2, 256],{H_LAYOUT!r}>"
-            types["w_desc"] = f"tensordesc<i32[{rb}, 256],{W_LAYOUT!r}>"
-            types["s_desc"] = f"tensordesc<fp16[{rb}, {4 * nbt}],{H_LAYOUT!r}>"
-            types["z_desc"] = f"tensordesc<u8[{rb}, {4 * nbt}],{B_LAYOUT!r}>" if asym else types["s_desc"]
-            yield (kern, types, dict(B=b, ASYM=asym, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra,
-                                     STAGES=c["STAGES"], PDL=1, num_warps=c["num_warps"]), c["num_warps"], 1)
-
-
 def attention_variants():
     # head_dim 16 (the tests' tiny configs), 64 (Qwen2-0.5B, SmolLM2), 128 (Qwen2.5-7B); float32 and bf16
     for hd, dt, g, nsplit in ((16, "fp32", 2, 2), (64, "bf16", 7, 1), (64, "bf16", 3, 16), (128, "bf16", 7, 64),
@@ -371,7 +349,7 @@ def step_variants():
 
 
 FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "il4_rope": il4_rope_variants, "gemv4": gemv4_variants, "gemv": gemv_variants,
-            "gemm": gemm_variants, "gemm_wg": gemm_wg_variants, "gemv_tma": gemv_tma_variants, "attention": attention_variants, "step": step_variants}
+            "gemm": gemm_variants, "gemm_wg": gemm_wg_variants, "attention": attention_variants, "step": step_variants}
 
 
 def main() -> None:

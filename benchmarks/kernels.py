@@ -45,7 +45,6 @@ ENC, BLOCK = "int4_sym", 128
 SWEEP = ("0.5B qkv", "0.5B o", "0.5B gate+up", "0.5B down", "7B qkv", "7B o", "7B gate+up", "7B down", "7B lm_head")
 ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2
 CHOICE = ["auto"]  # --layout
-SWEEP_TMA_ONLY = [False]  # --sweep-tma
 LAYOUT = ["il4"]  # weight layout of ours for the current shape (set from --layout by layout_for)
 
 
@@ -139,8 +138,6 @@ def make_ours(k, n, silu, m, nc):
 
 def check(k, n, silu):
     """Max relative error over M in (1, 64) against the float64 reference; raises on NaN or > 1e-2."""
-    if ops.TMA_KNOCK:  # QRUN_TMA_KNOCK: the TMA GEMV leaves a stage out on purpose, its results are wrong
-        return float("nan")
     worst = 0.0
     qt = quantize(torch.randn(n, k, device="cuda"), ENC, BLOCK)
     p = (qt.parts["qweight"], qt.parts["scales"], None)
@@ -224,15 +221,12 @@ def sweep_gemv4(shapes):
         if name not in SWEEP:
             continue
         LAYOUT[0] = layout_for(CHOICE[0], name, n)
-        # il4: gemv_il4_kernel's configs and the TMA GEMV's (gemv_tma.py) where it runs
-        attr = {"il4": "_il4_all_candidates", "tc16": "_tc16_candidates", "rows": "_gemv4_candidates"}[LAYOUT[0]]
+        attr = {"il4": "_il4_candidates", "tc16": "_tc16_candidates", "rows": "_gemv4_candidates"}[LAYOUT[0]]
         orig = getattr(ops, attr)
         nb = -(-k // BLOCK)
         res = []
-        for cfg in {"il4": lambda: orig(ENC, BLOCK, k, torch.cuda.current_device()), "tc16": lambda: orig(every=True),
+        for cfg in {"il4": lambda: orig(nb), "tc16": lambda: orig(every=True),
                     "rows": lambda: orig(BLOCK, nb)}[LAYOUT[0]]():
-            if SWEEP_TMA_ONLY[0] and not cfg.get("TMA"):
-                continue
             setattr(ops, attr, lambda *a, c=cfg, **kw: [c])
             # the launcher's cache would hand back the config tuned by the correctness check (until round 4
             # it did, and every config of the sweep timed the same kernel: PERF.md)
@@ -250,11 +244,7 @@ def sweep_gemv4(shapes):
             del fns
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
         # the best without an L2 prefetch too (il4's PF, round 9), to tell what the prefetch adds
-        no_pf = next((f"  best PF 0: {t:.2f}us" for t, c in res if not c.get("PF") and not c.get("TMA")), "")
-        # and the best of each il4 GEMV (registers or TMA)
-        no_pf += next((f"  best gemv_il4: {t:.2f}us" for t, c in res if not c.get("TMA")), "")
-        no_pf += next((f"  best TMA: {t:.2f}us " + "/".join(str(v) for v in c.values()) for t, c in res
-                       if c.get("TMA")), "")
+        no_pf = next((f"  best PF 0: {t:.2f}us" for t, c in res if not c.get("PF")), "")
         lines.append(f"{name:14s} " + "  ".join(
             f"{t:.2f}us " + "/".join(str(v) for key, v in c.items() if key != "num_stages") for t, c in res[:6])
             + no_pf)
@@ -302,7 +292,6 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
     ap.add_argument("--quick", action="store_true", help="M = 1 and 1024 only (saves device time)")
     ap.add_argument("--sweep", action="store_true", help="first time every word-GEMV config at M = 1")
-    ap.add_argument("--sweep-tma", action="store_true", help="with --sweep: only the TMA GEMV's configs (gemv_tma.py)")
     ap.add_argument("--gemm-sweep", type=int, default=0, metavar="M",
                     help="first time every GEMM config at this M (> 16)")
     ap.add_argument("--layout", default="auto", choices=("auto", "il4", "tc16", "rows"),
@@ -332,7 +321,6 @@ def main():
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write); empty launch: graph {empty_graph:.2f} us, "
           f"eager {empty_eager:.2f} us", flush=True)
 
-    SWEEP_TMA_ONLY[0] = args.sweep_tma
     sweep = sweep_gemv4(shapes) if args.sweep else []
     if args.gemm_sweep:
         sweep += sweep_gemm(shapes, args.gemm_sweep)

@@ -212,54 +212,6 @@ def test_il4_layout_every_config(enc, k, n):
         _check(y, xm.double() @ w.T)
 
 
-@pytest.mark.parametrize("enc,b,dt", [("int4_sym", 128, torch.bfloat16), ("int4_asym", 128, torch.bfloat16),
-                                       ("int4_asym", 64, torch.float16), ("int4_sym", 256, torch.bfloat16)])
-@pytest.mark.parametrize("k,n", [(3584, 4608), (18944, 3584), (3584, 37888), (512, 128), (18944, 64), (1536, 1000)])
-def test_tma_gemv_every_config(enc, b, dt, k, n):
-    # The TMA GEMV (gemv_tma.py) in every config: with bias, with the fused norm + residual, as the fused gate+up,
-    # twice each (its workspace must be left clean). The shapes split row blocks between programs in every way:
-    # 7B's (a block's 7 or 37 units over 1-2 programs), (512, 128): fewer units than SMs, one program a block;
-    # (18944, 64): 74 units, a block over 37 programs of one unit; (1536, 1000): a last row block cut short.
-    import qrun.kernels.ops as ops
-    from qrun.kernels.layout import interleave4
-    if ops.gemv_il4_tma_kernel is None or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs Gluon and sm_90")
-    torch.manual_seed(k * 3 + n + b)
-    parts = _weight(n, k, enc, b)
-    il = interleave4(*parts)
-    w = dequantize_parts(enc, parts_of(*parts), (n, k), b, dtype=dt).double()
-    x = torch.randn(1, k, device=DEV, dtype=dt) * 3
-    bias = torch.randn(n, device=DEV, dtype=dt)
-    nw = (torch.rand(k, device=DEV) + 0.5).to(dt)
-    res = torch.randn(1, n, device=DEV, dtype=dt)
-    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
-    orig, orig_tma = ops._il4_candidates, ops._tma_candidates
-    assert ops._tma_shape_ok(enc, b, k, -(-k // b)), "the shape should take the TMA GEMV"
-    try:
-        for cfg in orig_tma():
-            ops._tuned.clear()
-            ops._il4_candidates = lambda *a: []
-            ops._tma_candidates = lambda c=cfg: [c]
-            for rep in range(2):
-                what = f"{cfg} run {rep}"
-                _poison((1, n), dt)
-                y = quant_linear(x, *il, bias, encoding=enc, block_size=b, in_features=k, layout="il4")
-                assert ops.LAST["gemv_cfg"] == cfg
-                _check(y, x.double() @ w.T + bias.double(), what=what)
-                _poison((1, n), dt)
-                y = quant_linear(x, *il, None, encoding=enc, block_size=b, in_features=k, norm_weight=nw, eps=1e-6,
-                                 residual=res, layout="il4")
-                _check(y, xn @ w.T + res.double(), what=what)
-                if n % 8 == 0:
-                    _poison((1, n // 2), dt)
-                    y = quant_linear_silu_mul(x, *il, encoding=enc, block_size=b, in_features=k, norm_weight=nw,
-                                              eps=1e-6, layout="il4")
-                    g, u = (xn @ w.T).chunk(2, dim=-1)
-                    _check(y, torch.nn.functional.silu(g) * u, what=what)
-    finally:
-        ops._il4_candidates, ops._tma_candidates = orig, orig_tma
-
-
 @pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
 def test_chain_tuner_picks_a_candidate_and_leaves_results_right(enc):
     # The tuner times the GEMV configs in a CUDA graph over scrambled weight copies; it must not touch the

@@ -34,33 +34,27 @@ from .pdl import pdl_enter
 from .rope_cache import rotate_half
 
 
-# sum_i (128 + u_i) x_i + c of one word (_dot_words): 8 PRMT put nibble i under the exponent of 2^7 and 8 FFMA
-# take it times x_i; $1 the word, $2..$9 x_0..x_7, $10 c. DOT_SYM first XORs the word with 0x88888888 (int4_sym's
-# two's complement nibbles q -> q + 8). Shared with the TMA GEMV (gemv_tma.py).
-_DOT_BODY = ("mov.b32 k, 0x43000000; and.b32 e, w, 0x0F0F0F0F; shr.u32 o, w, 4; and.b32 o, o, 0x0F0F0F0F; "
-             "prmt.b32 t, e, k, 0x7044; fma.rn.f32 a, t, $2, $10; "
-             "prmt.b32 t, o, k, 0x7044; fma.rn.f32 a, t, $3, a; "
-             "prmt.b32 t, e, k, 0x7144; fma.rn.f32 a, t, $4, a; "
-             "prmt.b32 t, o, k, 0x7144; fma.rn.f32 a, t, $5, a; "
-             "prmt.b32 t, e, k, 0x7244; fma.rn.f32 a, t, $6, a; "
-             "prmt.b32 t, o, k, 0x7244; fma.rn.f32 a, t, $7, a; "
-             "prmt.b32 t, e, k, 0x7344; fma.rn.f32 a, t, $8, a; "
-             "prmt.b32 t, o, k, 0x7344; fma.rn.f32 a, t, $9, a; mov.b32 $0, a; }")
-DOT_SYM = tl.constexpr("{ .reg .b32 w, e, o, k, t, a; xor.b32 w, $1, 0x88888888; " + _DOT_BODY)
-DOT_ASYM = tl.constexpr("{ .reg .b32 w, e, o, k, t, a; mov.b32 w, $1; " + _DOT_BODY)
-DOT_CONSTRAINTS = tl.constexpr("=f,r,f,f,f,f,f,f,f,f,f")
-
-
 @triton.jit
 def _dot_words(w, x0, x1, x2, x3, x4, x5, x6, x7, c, SYM: tl.constexpr):
     """float32 sum_i (128 + u_i) x_i + c per int32 word (u_i = nibble i, XORed with 8 for int4_sym).
     One asm block per word keeps its 8 floats inside the block: one live result register per word."""
     if SYM:
-        asm: tl.constexpr = DOT_SYM
+        pre: tl.constexpr = "xor.b32 w, $1, 0x88888888; "
     else:
-        asm: tl.constexpr = DOT_ASYM
-    return tl.inline_asm_elementwise(asm, DOT_CONSTRAINTS, [w, x0, x1, x2, x3, x4, x5, x6, x7, c],
-                                     dtype=tl.float32, is_pure=True, pack=1)
+        pre: tl.constexpr = "mov.b32 w, $1; "
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 w, e, o, k, t, a; " + pre +
+        "mov.b32 k, 0x43000000; and.b32 e, w, 0x0F0F0F0F; shr.u32 o, w, 4; and.b32 o, o, 0x0F0F0F0F; "
+        "prmt.b32 t, e, k, 0x7044; fma.rn.f32 a, t, $2, $10; "
+        "prmt.b32 t, o, k, 0x7044; fma.rn.f32 a, t, $3, a; "
+        "prmt.b32 t, e, k, 0x7144; fma.rn.f32 a, t, $4, a; "
+        "prmt.b32 t, o, k, 0x7144; fma.rn.f32 a, t, $5, a; "
+        "prmt.b32 t, e, k, 0x7244; fma.rn.f32 a, t, $6, a; "
+        "prmt.b32 t, o, k, 0x7244; fma.rn.f32 a, t, $7, a; "
+        "prmt.b32 t, e, k, 0x7344; fma.rn.f32 a, t, $8, a; "
+        "prmt.b32 t, o, k, 0x7344; fma.rn.f32 a, t, $9, a; mov.b32 $0, a; }",
+        "=f,r,f,f,f,f,f,f,f,f,f", [w, x0, x1, x2, x3, x4, x5, x6, x7, c], dtype=tl.float32, is_pure=True,
+        pack=1)
 
 
 @triton.jit

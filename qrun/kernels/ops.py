@@ -18,11 +18,10 @@ import torch
 from qrun.quant import NF4_CODE
 
 from .gemm import gemm_kernel
-try:  # Gluon (triton >= 3.5); the launcher falls back to gemm_kernel / gemv_il4_kernel without it
+try:  # Gluon (triton >= 3.5); the launcher falls back to gemm_kernel without it
     from .gemm_wg import descriptors as wg_descriptors, gemm_il4_wg_kernel, gemm_il4_ws_kernel
-    from .gemv_tma import descriptors as tma_descriptors, gemv_il4_tma_kernel
 except ImportError:  # pragma: no cover - depends on the installed triton
-    gemm_il4_wg_kernel = gemm_il4_ws_kernel = wg_descriptors = tma_descriptors = gemv_il4_tma_kernel = None
+    gemm_il4_wg_kernel = gemm_il4_ws_kernel = wg_descriptors = None
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
@@ -53,9 +52,6 @@ GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
 GEMM_WG = os.environ.get("QRUN_GEMM_WG", "1") == "1"
 # 1 (default): with it, its warp-specialized variant (gemm_wg.gemm_il4_ws_kernel); 0 leaves that out.
 GEMM_WS = os.environ.get("QRUN_GEMM_WS", "1") == "1"
-# 1 (default): the TMA GEMV (gemv_tma.py: il4 int4, M = 1, sm_90) joins the il4 GEMV's configs; 0 leaves it out.
-GEMV_TMA = os.environ.get("QRUN_GEMV_TMA", "1") == "1"
-TMA_KNOCK = int(os.environ.get("QRUN_TMA_KNOCK", 0))  # benchmarks only: gemv_tma's KNOCK (wrong results unless 0)
 
 _tuned: dict[tuple, dict] = {}
 LAST: dict[str, object] = {}  # kernel kind -> last CompiledKernel launched (benchmark diagnostics)
@@ -128,7 +124,7 @@ def gemv_candidates(key: tuple) -> list[dict]:
     kind, enc, bs, k = key[1], key[2], key[3], key[7]
     nb = triton_cdiv(k, bs)
     if kind == "gemv_il4":
-        return _il4_all_candidates(enc, bs, k, key[0])
+        return _il4_candidates(nb)
     if kind == "gemv_il4_rope":
         return _il4_candidates(nb, IL4_ROPE_TABLE)
     if kind == "gemv_tc16":
@@ -274,32 +270,6 @@ IL4_TABLE = ((1, 2, 0, 1, 0), (1, 4, 0, 1, 0), (2, 4, 0, 1, 0), (1, 8, 0, 1, 0),
              (1, 4, 0, 1, 4), (1, 8, 0, 1, 4), (1, 2, 0, 1, 8), (2, 2, 0, 2, 0), (2, 2, 0, 4, 0), (1, 4, 1, 4, 0))
 IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1, 0), (2, 2, 0, 2, 0),
                   (2, 2, 1, 2, 0), (2, 2, 0, 4, 0))  # R4 2 and no prefetch: what ROPE (gemv_il.py) runs
-
-
-def _tma_candidates() -> list[dict]:
-    """The TMA GEMV's configs (gemv_tma.py): RB row groups a unit, STAGES units in flight, CPS programs a SM."""
-    return [dict(TMA=True, RB=rb, STAGES=st, CPS=cps, num_warps=w)
-            for rb, st, cps, w in ((8, 4, 2, 4), (8, 4, 2, 8), (16, 3, 2, 8), (16, 4, 1, 16), (16, 4, 1, 8),
-                                   (8, 4, 3, 4), (8, 6, 1, 4))]
-
-
-def _tma_shape_ok(encoding: str, block_size: int, k: int, nb: int) -> bool:
-    """Shapes the TMA GEMV takes: K whole units of 512 k without padding, 32 <= block <= 256 (128 for asym, so
-    that a unit's zeros are a 16-byte TMA box), and the scales' (and zeros') rows 16-byte aligned."""
-    return (encoding in ("int4_sym", "int4_asym") and k % 512 == 0 and nb * block_size == k
-            and 32 <= block_size <= (128 if encoding == "int4_asym" else 256) and nb % 2 == 0
-            and (encoding == "int4_sym" or nb % 4 == 0))
-
-
-def _il4_all_candidates(encoding: str, block_size: int, k: int, device_index: int) -> list[dict]:
-    """The il4 GEMV's configs: gemv_il4_kernel's, then the TMA GEMV's where it can run."""
-    nb = triton_cdiv(k, block_size)
-    out = _il4_candidates(nb)
-    if (GEMV_TMA and gemv_il4_tma_kernel is not None and not INTERPRET and device_index >= 0
-            and _tma_shape_ok(encoding, block_size, k, nb)
-            and torch.cuda.get_device_capability(device_index)[0] == 9):
-        out = out + _tma_candidates()
-    return out
 
 
 def _il4_candidates(nb, table=IL4_TABLE):
@@ -587,21 +557,13 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             # times each config in a chain of itself), hence a rule. Not launching with PDL is always safe.
             kw = _gemv_pdl(x2, k)
 
-            tma_ok = _tma_args_ok(x2, norm_weight, w32, scales, zeros)
-
             def launch(c, w, s, zz, out=y):
-                if c.get("TMA"):
-                    if tma_ok:
-                        _launch_tma(c, x2, norm_weight, w, s, zz if zeros is not None else None, b, res, out,
-                                    n_out, k, block_size, eps, flags, kw)
-                        return
-                    c = _il4_candidates(nb)[0]  # x or the norm weight not TMA-addressable: the register GEMV
                 progs = triton_cdiv(n_out // 4, c["R4"])
                 part, cnt = _il4_scratch(progs, c, x.device, scales)  # the counters stay zero between launches
                 LAST["gemv"] = gemv_il4_kernel[(progs, c.get("SPLIT", 1))](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
                                                                nb, _il4_blocks_per_split(nb, c), eps, **flags, **kw,
                                                                **c)
-            kind, cands = "gemv_il4", _il4_all_candidates(encoding, block_size, k, dev)
+            kind, cands = "gemv_il4", _il4_candidates(nb)
         else:
             def launch(c, w, s, zz, out=y):
                 c = dict(c)
@@ -697,47 +659,6 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
     if out is not y:
         y.copy_(out)
     return y.reshape(*lead, n_out)
-
-
-def _tma_args_ok(x2: torch.Tensor, norm_weight, *parts) -> bool:
-    """x (and the norm weight) as the TMA GEMV reads them: contiguous, 16-byte aligned, bf16 or fp16; the weight
-    parts (None: absent) contiguous and 16-byte aligned (TMA's base addresses)."""
-    return (x2.is_contiguous() and x2.dtype in (torch.bfloat16, torch.float16)
-            and (norm_weight is None or norm_weight.dtype == x2.dtype)
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x2, norm_weight, *parts) if t is not None))
-
-
-_tma_ws: dict[tuple, tuple] = {}
-
-
-def _tma_workspace(device: torch.device, progs: int, pw: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The TMA GEMV's workspace: two partial-sum slots a program and a counter a row block, zeros (each call
-    leaves them so). One a stream and size, kept for the process (CUDA graphs hold their addresses)."""
-    stream = torch.cuda.current_stream(device).cuda_stream
-    key = (str(device), stream, progs, pw, blocks)
-    if key not in _tma_ws:
-        _tma_ws[key] = (torch.zeros(progs * 2 * pw, dtype=torch.float32, device=device),
-                        torch.zeros(blocks, dtype=torch.int32, device=device))
-    return _tma_ws[key]
-
-
-def _launch_tma(c, x2, norm_weight, w, s, zz, b, res, out, n_out, k, block_size, eps, flags, kw):
-    """gemv_il4_tma_kernel on x2 (1, K) and il4 parts w (int32 words), s, zz (None for sym): a persistent grid of
-    CPS programs a SM over the units (gemv_tma.py)."""
-    rb = c["RB"]
-    xd, nd, wd, sd, zd = tma_descriptors(x2, norm_weight, w, s, zz, rb, block_size)
-    blocks = triton_cdiv(n_out // 4, rb)
-    nkt = k // 512
-    units = blocks * nkt
-    progs = min(units, c["CPS"] * _sm_count(x2.device))
-    part, cnt = _tma_workspace(x2.device, progs, 8 * rb + 1, blocks)
-    pdl = kw.get("PDL", 0)
-    launch_kw = {"launch_pdl": True} if kw.get("launch_pdl") else {}
-    LAST["gemv"] = gemv_il4_tma_kernel[(progs,)](
-        xd, nd, wd, sd, zd, b, res, out, part, cnt, n_out, k, nkt, units, eps, B=block_size,
-        ASYM=flags["ENC"] == "int4_asym", HAS_BIAS=flags["HAS_BIAS"], SILU=flags["SILU"], NORM=flags["NORM"],
-        HAS_RES=flags["HAS_RES"], STAGES=c["STAGES"], PDL=pdl, num_warps=c["num_warps"], KNOCK=TMA_KNOCK,
-        **launch_kw)
 
 
 def wg_config_ok(c: dict, silu: bool) -> bool:
