@@ -6,7 +6,8 @@ slow on the GPU or in Python.
 
 Per run: the host's time to enqueue the prefill (prefill() returning, nothing synchronized), the wall time to
 its end (synchronized), and the GPU time between CUDA events around it. With --profile, one more run under
-torch.profiler: the kernels' GPU time summed by name, and the CPU time of the launches. One JSON line last.
+torch.profiler: the kernels' GPU time summed by name; with --cprofile, one under cProfile (the host's time by
+function). One JSON line last.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--len", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cprofile", action="store_true", help="one more run under cProfile: the host's time by function")
     a = ap.parse_args()
     llm = qrun.load(a.model, device="cuda", max_seq_len=a.len + 16)
     model = llm.model
@@ -70,6 +72,17 @@ def main() -> None:
             for name, us in top:
                 print(f"  {us / 1e3:8.3f} ms  {name}", flush=True)
             out["kernels_ms"] = sum(tot.values()) / 1e3
+        if a.cprofile:
+            import cProfile
+            import pstats
+            pr = cProfile.Profile()
+            pr.enable()
+            prefill(model, prompt, pos)
+            torch.cuda.synchronize()
+            pr.disable()
+            st = pstats.Stats(pr)
+            st.sort_stats("tottime").print_stats(25)
+            st.sort_stats("cumulative").print_stats(30)
     from qrun.kernels import ops
     out["gemm_configs"] = {repr(k): v for k, v in ops._tuned.items() if k[1] == "gemm"}
     print(json.dumps(out), flush=True)
