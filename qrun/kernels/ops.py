@@ -11,6 +11,7 @@ Under TRITON_INTERPRET=1 (CPU tests) the first candidate is used with no timing.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -388,7 +389,25 @@ def triton_next_pow2(n: int) -> int:
 TC16_BAD_GEMM = {(128, 64, True, 8)}
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _gemm_candidates(m, block_size, layout="rows", every=False):
+    """The GEMM's configs for M rows (cached: the prefill calls this per linear, host-bound; the list and its
+    dicts are shared, so callers copy before changing one)."""
+    if INTERPRET:  # the tests change QRUN_GEMM_TILE between calls, and M's parity picks the orientation
+        return _gemm_candidate_list(m, block_size, layout, every)
+    return _gemm_candidates_cached(16 if m <= 16 else 64 if m <= 64 else 65, block_size, layout, every)
+
+
+@functools.cache
+def _gemm_candidates_cached(m, block_size, layout, every):
+    return _gemm_candidate_list(m, block_size, layout, every)
+
+
+def _gemm_candidate_list(m, block_size, layout="rows", every=False):
     """every: also the configs known to be wrong on `layout` (gemm_configs.py looks at them)."""
     if m <= 16:
         cands = [(64, 16, 128, 4, 4), (128, 16, 128, 4, 3), (64, 16, 64, 4, 4), (128, 16, 64, 4, 4)]
@@ -678,7 +697,7 @@ def _wg_applies(x2, qweight, encoding, block_size, k, kp, n_out, layout) -> bool
     if x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16 or qweight.data_ptr() % 16 \
             or not qweight.is_contiguous():
         return False
-    return torch.cuda.get_device_capability(x2.device)[0] == 9
+    return _capability(x2.device.index if x2.device.index is not None else torch.cuda.current_device())[0] == 9
 
 
 def triton_cdiv(a: int, b: int) -> int:
