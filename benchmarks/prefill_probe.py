@@ -55,6 +55,21 @@ def main() -> None:
             rows.append(r)
             print(f"run {i}: enqueue {r['enqueue_ms']:7.2f} ms  wall {r['wall_ms']:7.2f} ms  gpu {r['gpu_ms']:7.2f} ms"
                   f"  -> {a.len / r['wall_ms'] * 1e3:8.0f} tok/s", flush=True)
+        # the host alone: the GPU kept busy by a sleep kernel first (~0.3 s), so that prefill() returns as soon as
+        # it has enqueued everything, unless something in it waits for the GPU (then it returns after the sleep)
+        ms = torch.cuda.memory_stats()
+        for i in range(3):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(5e8))
+            t0 = time.perf_counter()
+            prefill(model, prompt, pos)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            print(f"behind a 0.3 s sleep: enqueue {(t1 - t0) * 1e3:7.2f} ms (wall {(time.perf_counter() - t0) * 1e3:7.2f}"
+                  " ms)", flush=True)
+        ms2 = torch.cuda.memory_stats()
+        print("allocator during those: " + ", ".join(f"{k} +{ms2.get(k, 0) - ms.get(k, 0)}" for k in
+              ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")), flush=True)
         out = {k: statistics.median(r[k] for r in rows[1:]) for k in ("enqueue_ms", "wall_ms", "gpu_ms")}
         out["tok_s"] = a.len / out["wall_ms"] * 1e3
         if a.profile:
