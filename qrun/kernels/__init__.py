@@ -67,14 +67,14 @@ def quant_linear_rope_kv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
 
 # Eager calls (and CUDA graph capture, which records the same launches) go to the launcher directly; only
 # torch.compile needs the custom ops (their fake implementations trace the shapes). The op's dispatch (the
-# dispatcher, its dynamo-disable wrapper and alias checks) cost the 7B prefill of 1024 tokens, whose 113 linear
-# calls run host-bound, a few ms of host time (benchmarks/prefill_probe.py --cprofile; PERF.md round 15).
+# dispatcher, its dynamo-disable wrapper, alias checks) is host time, and the prefill runs host-bound; the gain
+# was too small to see beside the spread between processes (docs/PERF.md attempt 77).
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None, *, encoding: str, block_size: int, in_features: int,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                  residual: torch.Tensor | None = None, layout: str = "rows") -> torch.Tensor:
     if x.is_cuda and _ops is not None:
-        if not torch.compiler.is_compiling():  # eager or graph capture: the launcher itself (_eager says why)
+        if not torch.compiler.is_compiling():  # eager or graph capture: the launcher itself (see above)
             return _ops.quant_linear_triton(x, qweight, scales, zeros, bias, encoding, block_size, in_features,
                                             norm_weight, eps, residual, layout)
         return torch.ops.qrun.quant_linear(x, qweight, scales, zeros, bias, encoding, block_size, in_features,
