@@ -402,11 +402,6 @@ def _gemm_candidates(m, block_size, layout="rows", every=False):
     return _gemm_candidates_cached(16 if m <= 16 else 64 if m <= 64 else 65, block_size, layout, every)
 
 
-@functools.cache
-def _gemm_candidates_cached(m, block_size, layout, every):
-    return _gemm_candidate_list(m, block_size, layout, every)
-
-
 def _gemm_candidate_list(m, block_size, layout="rows", every=False):
     """every: also the configs known to be wrong on `layout` (gemm_configs.py looks at them)."""
     if m <= 16:
@@ -455,6 +450,9 @@ def _gemm_candidate_list(m, block_size, layout="rows", every=False):
         out = [dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_K=min(bk, block_size), SWAP=m % 2 == 1, num_warps=4,
                     num_stages=1)]
     return out
+
+
+_gemm_candidates_cached = functools.cache(_gemm_candidate_list)  # M only matters as <= 16, <= 64 or more
 
 
 def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, silu, norm_weight=None, eps=0.0,
