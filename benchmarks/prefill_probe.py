@@ -5,7 +5,9 @@ slow on the GPU or in Python.
     python3 benchmarks/prefill_probe.py MODEL.stcmp [--len 1024] [--runs 5] [--profile]
 
 Per run: the host's time to enqueue the prefill (prefill() returning, nothing synchronized), the wall time to
-its end (synchronized), and the GPU time between CUDA events around it. With --profile, one more run under
+its end (synchronized), and the GPU time between CUDA events around it. Then three runs behind a ~0.3 s sleep
+kernel, so that the enqueue time is the host's alone (a prefill that waited for the GPU would return after the
+sleep), with the allocator's device allocs, frees and retries over them. With --profile, one more run under
 torch.profiler: the kernels' GPU time summed by name; with --cprofile, one under cProfile (the host's time by
 function). One JSON line last.
 """
