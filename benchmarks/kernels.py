@@ -225,7 +225,8 @@ def sweep_gemv4(shapes):
         orig = getattr(ops, attr)
         nb = -(-k // BLOCK)
         res = []
-        for cfg in {"il4": lambda: orig(nb), "tc16": lambda: orig(every=True),
+        mma = ops._mma_ok(torch.cuda.current_device(), "int4_sym", BLOCK, torch.bfloat16)
+        for cfg in {"il4": lambda: orig(nb, mma=mma), "tc16": lambda: orig(every=True),
                     "rows": lambda: orig(BLOCK, nb)}[LAYOUT[0]]():
             setattr(ops, attr, lambda *a, c=cfg, **kw: [c])
             # the launcher's cache would hand back the config tuned by the correctness check (until round 4

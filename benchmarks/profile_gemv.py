@@ -45,7 +45,7 @@ def main():
     ops._gemm_candidates = lambda *args, **kw: [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SWAP=bool(swap),
                                                      num_warps=gw, num_stages=gs)]
     r4, g, deep, warps, split, pf = (list(map(int, a.config.split("x"))) + [1, 0])[:6]
-    ops._il4_candidates = lambda nb: [dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=split, PF=pf, num_warps=warps,
+    ops._il4_candidates = lambda nb, **kw: [dict(R4=r4, G=g, DEEP=bool(deep), SPLIT=split, PF=pf, num_warps=warps,
                                            num_stages=1)]
     k, n, silu = SHAPES[a.shape]
     qt = quantize(torch.randn(n, k, device="cuda"), "int4_sym", 128)

@@ -1,6 +1,6 @@
 """The CUDA kernels compile for sm_90 ahead of time, on a machine without a GPU (triton's bundled ptxas):
 the decode attention kernels at head_dim 16, 64 and 128 and every tensor-core GEMV config. The interpreter
-runs the kernels' arithmetic but not the compiler's checks (round 6: a tl.dot of depth 8). The full set of
+runs the kernels' arithmetic (and not Gluon's at all: the tensor-core GEMV) but not the compiler's checks (round 6: a tl.dot of depth 8). The full set of
 variants, against the device's triton, is benchmarks/compile_check.py."""
 import os
 import shutil
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not
                                 reason="needs triton's nvidia backend with ptxas, and not the interpreter")
 
 
-@pytest.mark.parametrize("family", ["attention", "tc16", "il4_rope"])
+@pytest.mark.parametrize("family", ["attention", "tc16", "il4_rope", "gemv_mma_few"])
 def test_kernels_compile_for_sm90(family):
     import compile_check
     failed = []

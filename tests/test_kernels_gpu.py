@@ -190,7 +190,7 @@ def test_il4_layout_every_config(enc, k, n):
     try:
         for cfg in orig(-(-k // 128)):
             ops._tuned.clear()
-            ops._il4_candidates = lambda *a, c=cfg: [c]
+            ops._il4_candidates = lambda *a, c=cfg, **kw: [c]
             _poison((1, n), torch.bfloat16)
             y = quant_linear(x, *il, bias, encoding=enc, block_size=128, in_features=k, layout="il4")
             _check(y, x.double() @ w.T + bias.double())
@@ -210,6 +210,56 @@ def test_il4_layout_every_config(enc, k, n):
         _poison((m, n), torch.bfloat16)
         y = quant_linear(xm, *il, None, encoding=enc, block_size=128, in_features=k, layout="il4")
         _check(y, xm.double() @ w.T)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
+@pytest.mark.parametrize("k,n", [(3584, 4608), (18944, 3584), (896, 1152), (4864, 896), (3584, 37888), (200, 104)])
+def test_mma_gemv_every_config(enc, k, n, dt):
+    # The tensor-core GEMV (gemv_mma.py) on il4, every config the launcher offers, twice each: with a bias, with
+    # the fused norm + residual, and as the fused gate+up with the norm. (200, 104): K short of a block, and 26 row
+    # groups, so the last program's row set is cut short (its loads clamped, its stores masked).
+    import qrun.kernels.ops as ops
+    from qrun.kernels.layout import interleave4
+    if not ops._mma_ok(torch.cuda.current_device(), enc, 128, dt):
+        pytest.skip("the tensor-core GEMV needs sm_90 and Gluon")
+    torch.manual_seed(k * 3 + n)
+    parts = _weight(n, k, enc, 128)
+    il = interleave4(*parts)
+    w = dequantize_parts(enc, parts_of(*parts), (n, k), 128, dtype=dt).double()
+    x = torch.randn(1, k, device=DEV, dtype=dt) * 3
+    bias = torch.randn(n, device=DEV, dtype=dt)
+    nw = (torch.rand(k, device=DEV) + 0.5).to(dt)
+    res = torch.randn(1, n, device=DEV, dtype=dt)
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    orig = ops._il4_candidates
+    cands = ops._mma_candidates(-(-k // 128))
+    assert cands
+    if dt == torch.float16:
+        cands = cands[:1]
+    elif (k, n) not in ((3584, 4608), (18944, 3584)):  # every config at the two 7B shapes; a few elsewhere
+        cands = [c for i, c in enumerate(cands) if i == 0 or c in (
+            next((d for d in cands if d["SPLIT"] > 1), None), next((d for d in cands if d["AHEAD"] > 1), None))]
+    try:
+        for cfg in cands:
+            ops._il4_candidates = lambda *a, c=cfg, **kw: [c]
+            for _ in range(2):
+                ops._tuned.clear()
+                _poison((1, n), dt)
+                y = quant_linear(x, *il, bias, encoding=enc, block_size=128, in_features=k, layout="il4")
+                assert ops.LAST["gemv"].name == "gemv_il4_mma_kernel"
+                _check(y, x.double() @ w.T + bias.double(), what=f"bias {cfg}")
+                _poison((1, n), dt)
+                y = quant_linear(x, *il, None, encoding=enc, block_size=128, in_features=k, norm_weight=nw,
+                                 eps=1e-6, residual=res, layout="il4")
+                _check(y, xn @ w.T + res.double(), what=f"norm+res {cfg}")
+                _poison((1, n // 2), dt)
+                y = quant_linear_silu_mul(x, *il, encoding=enc, block_size=128, in_features=k, norm_weight=nw,
+                                          eps=1e-6, layout="il4")
+                g, u = (xn @ w.T).chunk(2, dim=-1)
+                _check(y, torch.nn.functional.silu(g) * u, what=f"silu {cfg}")
+    finally:
+        ops._il4_candidates = orig
 
 
 @pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
@@ -233,7 +283,7 @@ def test_chain_tuner_picks_a_candidate_and_leaves_results_right(enc):
     finally:
         ops.TUNE = False
     _check(y, x.double() @ w.T)
-    assert ops.LAST["gemv_cfg"] in ops._il4_candidates(-(-k // 128))
+    assert ops.LAST["gemv_cfg"] in ops._il4_candidates(-(-k // 128), mma=True)
     assert any(key[1] == "gemv_il4" for key in ops._tuned)
     assert all(torch.equal(a, b) for a, b in zip(before, [t for t in il if t is not None]))
 

@@ -26,6 +26,10 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
+try:  # Gluon; without it the il4 GEMV runs alone at M = 1
+    from .gemv_mma import gemv_il4_mma_kernel
+except ImportError:  # pragma: no cover - depends on the installed triton
+    gemv_il4_mma_kernel = None
 from .gemv_tc import gemv_tc16_kernel
 from .layout import LAYOUTS, can_tc16
 from . import tune_cache
@@ -51,6 +55,9 @@ GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
 # 1 (default): the Gluon GEMM (gemm_wg.py: il4 int4, M > 64, sm_90) joins the configs timed for the GEMM. 0 leaves
 # it out (A/B timing).
 GEMM_WG = os.environ.get("QRUN_GEMM_WG", "1") == "1"
+# 1 (default): the tensor-core GEMV (gemv_mma.py: il4 int4, blocks of 128, M = 1, sm_90) joins the il4 GEMV's
+# configs; 0 leaves it out (A/B timing).
+GEMV_MMA = os.environ.get("QRUN_GEMV_MMA", "1") == "1"
 # 1 (default): with it, its warp-specialized variant (gemm_wg.gemm_il4_ws_kernel); 0 leaves that out.
 GEMM_WS = os.environ.get("QRUN_GEMM_WS", "1") == "1"
 
@@ -125,7 +132,7 @@ def gemv_candidates(key: tuple) -> list[dict]:
     kind, enc, bs, k = key[1], key[2], key[3], key[7]
     nb = triton_cdiv(k, bs)
     if kind == "gemv_il4":
-        return _il4_candidates(nb)
+        return _il4_candidates(nb, mma=_mma_ok(key[0], enc, bs, key[4]))
     if kind == "gemv_il4_rope":
         return _il4_candidates(nb, IL4_ROPE_TABLE)
     if kind == "gemv_tc16":
@@ -273,7 +280,33 @@ IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1
                   (2, 2, 1, 2, 0), (2, 2, 0, 4, 0))  # R4 2 and no prefetch: what ROPE (gemv_il.py) runs
 
 
-def _il4_candidates(nb, table=IL4_TABLE):
+# The tensor-core GEMV (gemv_mma.py): (warps, SPLIT programs a row set along K, AHEAD blocks of weights in flight)
+MMA_TABLE = ((4, 1, 1), (8, 1, 1), (4, 2, 1), (8, 2, 1), (4, 4, 1), (8, 4, 1), (4, 8, 1), (8, 8, 1), (16, 1, 1),
+             (4, 1, 2), (4, 2, 2), (8, 2, 2), (4, 4, 2))
+MMA_SMEM_MAX = 96 * 1024  # its staged x: steps x warps x 256 bytes
+
+
+def _mma_ok(dev: int, encoding: str, block_size: int, x_dtype) -> bool:
+    """Whether gemv_il4_mma_kernel can run an M = 1 il4 call: int4 with blocks of 128, bf16 or fp16 x, sm_90 (the
+    GPU it is tested on), Gluon present."""
+    return (gemv_il4_mma_kernel is not None and GEMV_MMA and not INTERPRET and dev >= 0
+            and encoding in ("int4_sym", "int4_asym") and block_size == 128
+            and x_dtype in (torch.bfloat16, torch.float16) and _capability(dev)[0] == 9)
+
+
+def _mma_candidates(nb):
+    out = []
+    for w, sp, ahead in MMA_TABLE:
+        nbs = triton_cdiv(nb, sp)
+        if sp > 1 and (sp - 1) * nbs >= nb:
+            continue  # a program with nothing to do
+        if triton_cdiv(nbs, w) * w * 256 > MMA_SMEM_MAX:
+            continue
+        out.append(dict(MMA=True, SPLIT=sp, AHEAD=ahead, num_warps=w))
+    return out
+
+
+def _il4_candidates(nb, table=IL4_TABLE, mma=False):
     """(R4 groups of 4 rows, G blocks per step, DEEP, SPLIT, PF, warps = G * 16 threads / 32): few row groups and
     short steps give many programs for short K; long K (down projections) needs more warps per program along
     K. DEEP: three steps of weights in flight per thread instead of two. SPLIT: programs per row group along K,
@@ -293,6 +326,8 @@ def _il4_candidates(nb, table=IL4_TABLE):
             continue  # a window past the end: the same as PF 1
         if c not in out:
             out.append(c)
+    if mma:
+        out += _mma_candidates(nb)
     if INTERPRET:  # QRUN_IL4_SPLIT: the interpreter tests' way to run the split-K path
         out = [dict(R4=2, G=2, DEEP=True, SPLIT=int(os.environ.get("QRUN_IL4_SPLIT", 1)), PF=0, num_warps=1,
                     num_stages=1)]
@@ -575,12 +610,25 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             kw = _gemv_pdl(x2, k)
 
             def launch(c, w, s, zz, out=y):
+                if c.get("MMA"):  # the tensor-core GEMV: 32 rows (8 row groups) a program
+                    progs, split = triton_cdiv(n_out // 4, 8), c["SPLIT"]
+                    if split > 1:  # partials of each row set's K shares; the counters stay zero between launches
+                        part = torch.empty(progs * split * 65, dtype=torch.float32, device=x.device)
+                        cnt = _tile_counters(x.device, progs)
+                    else:
+                        part = cnt = scales
+                    LAST["gemv"] = gemv_il4_mma_kernel[(progs, split)](
+                        x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k, nb, eps, ENC=encoding,
+                        HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None,
+                        HAS_RES=residual is not None, F16=x.dtype == torch.float16, NBS=triton_cdiv(nb, split),
+                        SPLIT=split, AHEAD=c["AHEAD"], num_warps=c["num_warps"], **kw)
+                    return
                 progs = triton_cdiv(n_out // 4, c["R4"])
                 part, cnt = _il4_scratch(progs, c, x.device, scales)  # the counters stay zero between launches
                 LAST["gemv"] = gemv_il4_kernel[(progs, c.get("SPLIT", 1))](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
                                                                nb, _il4_blocks_per_split(nb, c), eps, **flags, **kw,
                                                                **c)
-            kind, cands = "gemv_il4", _il4_candidates(nb)
+            kind, cands = "gemv_il4", _il4_candidates(nb, mma=_mma_ok(dev, encoding, block_size, x.dtype))
         else:
             def launch(c, w, s, zz, out=y):
                 c = dict(c)
