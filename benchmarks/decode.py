@@ -28,7 +28,7 @@ ENVS = {"nopdl": {"QRUN_PDL": "0"}, "cap12m": {"QRUN_FUSE_MAX_WEIGHTS": "1200000
         "nofuse": {"QRUN_FUSE_NORM": "0"}, "rows": {"QRUN_LAYOUT": "rows"},
         "tc16": {"QRUN_LAYOUT": "tc16"}, "fattn": {"QRUN_FUSED_ATTN": "1"}, "fattn2": {"QRUN_FUSED_ATTN": "2"},
         "tc16fattn": {"QRUN_LAYOUT": "tc16", "QRUN_FUSED_ATTN": "1"}, "attn64": {"QRUN_ATTN_SLICE": "64"},
-        "il4": {"QRUN_LAYOUT": "il4"}, "il4prefill1024": {"QRUN_LAYOUT": "il4"}}
+        "il4": {"QRUN_LAYOUT": "il4"}, "il4prefill1024": {"QRUN_LAYOUT": "il4"}, "nomma": {"QRUN_GEMV_MMA": "0"}}
 
 
 def main() -> None:

@@ -125,14 +125,15 @@ def test_step_asm_sums_a_block_of_32_rows(sym, f16):
     off = (1024.0 if f16 else 128.0)
     want_d = ((q + off) * x.double()).sum(-1)           # [rg, j]
     want_e = x.double().sum()
-    # lane (g, c): words [g, 4 c + s, j] at 4 s + j; x pairs of row r = 4 c + s: (k0, k2), (k1, k3), (k4, k6), (k5, k7)
+    # lane (g, c): words [g, 4 s + c, j] at 4 s + j; x pairs of word position 4 s + c: (k0, k2), (k1, k3), (k4, k6),
+    # (k5, k7), as gemv_il4_mma_kernel loads and stages them
     inputs = {}
     lanes = torch.arange(LANES)
     gg, cc = lanes // 4, lanes % 4
     for s in range(4):
         for j in range(4):
-            inputs[16 + 4 * s + j] = words[gg, 4 * cc + s, j].numpy().astype(np.uint32)
-        r = 4 * cc + s
+            inputs[16 + 4 * s + j] = words[gg, 4 * s + cc, j].numpy().astype(np.uint32)
+        r = 4 * s + cc
         xs = x.reshape(16, 8)[r]                             # [lane, 8]
         for i, (lo, hi) in enumerate(((0, 2), (1, 3), (4, 6), (5, 7))):
             inputs[32 + 4 * s + i] = _pack(xs[:, lo], xs[:, hi])

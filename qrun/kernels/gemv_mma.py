@@ -14,9 +14,9 @@ B: sum_k q_k x_k = D - (128 + zero) E (zero 8 for sym; 1024 + zero with fp16).
 
 The lanes and the fragments. The layout stays il4 (the prefill GEMM reads it), and the mma's k order is ours to
 choose as long as A and B agree. Lane (g, c) of a warp (g = lane // 4, c = lane % 4) takes row group rg + g
-(rows 4 (rg + g) + j, j = 0..3) and, of a quantization block of 128 k (16 words a row), words 4 c .. 4 c + 3: 64
-contiguous bytes of il4 (4 words x 4 rows, chunks s = 0..3), four 16-byte loads. The 4 lanes of a row group read
-its block's 256 contiguous bytes, and the warp 8 row groups (32 rows). Chunk s of lane c is 8 k, whose word j
+(rows 4 (rg + g) + j, j = 0..3) and, of a quantization block of 128 k (16 words a row), words 4 s + c, s = 0..3
+(chunk s: 4 rows x 8 k, one 16-byte load; the 4 lanes of a row group read 64 contiguous bytes per load, whole
+sectors, and the warp 8 row groups, 32 rows). Chunk s of lane c is 8 k, whose word j
 gives row j's even nibbles e = (n0, n2, n4, n6) and odd ones o = (n1, n3, n5, n7). One mma takes rows j0 = 0 (or
 2) as its row g and j1 = 1 (or 3) as its row g + 8, and half h of the chunk:
 
@@ -253,8 +253,10 @@ def gemv_il4_mma_kernel(
     cv = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LW))))
     tv = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LW))))
     rg = gl.minimum(pid * 8 + gv, N4 - 1)  # clamped: every load in bounds
-    woff = (rg[None, :, None, None] * (KW * 4) + cv[None, None, :, None] * 16
-            + tv[None, None, None, :])                                                 # [1, 8, 4, 16]
+    # lane c's chunk s is word 4 s + c of the block: each 16-byte load instruction (one s) reads 64 contiguous
+    # bytes a row group, whole 32-byte sectors
+    woff = (rg[None, :, None, None] * (KW * 4) + cv[None, None, :, None] * 4
+            + (tv // 4)[None, None, None, :] * 16 + (tv % 4)[None, None, None, :])    # [1, 8, 4, 16]
     gvs = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
     cvs = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LS))))
     jv = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LS))))
@@ -325,15 +327,17 @@ def gemv_il4_mma_kernel(
     elif PDL == 3:
         _gdc(False)
 
-    # x staged as the mma's B pairs: row r of 8 k (k = 128 kb0 + 8 r + 4 h + i) -> (k0, k2), (k1, k3), (k4, k6),
-    # (k5, k7); rows past the program's blocks (and k past K) are 0, so the steps past them add nothing
+    # x staged as the mma's B pairs: 8 k (a word position p of a block) -> (k0, k2), (k1, k3), (k4, k6), (k5, k7),
+    # position p = 4 s + c stored at row 4 c + s of its block, so that lane c's 4 chunks are 64 contiguous bytes;
+    # rows past the program's blocks (and k past K) are 0, so the steps past them add nothing
     PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     PLAIN5: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[3, 2, 1, 0])
     xbuf = gl.allocate_shared_memory(gl.int32, [NST, W * 16, 4], PLAIN3)
     rr = gl.arange(0, W * 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX)))
     hh = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX)))
     ii = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX)))
-    kk = rr[:, None, None] * 8 + hh[None, :, None] * 4 + ii[None, None, :]               # [W 16, 2, 4]
+    src = (rr // 16) * 16 + (rr % 4) * 4 + (rr // 4) % 4  # the word position stored at row rr
+    kk = src[:, None, None] * 8 + hh[None, :, None] * 4 + ii[None, None, :]              # [W 16, 2, 4]
     ssq = gl.zeros([W * 16, 2, 4], gl.float32, LX)
     kend = gl.minimum((kb0 + nblk) * 128, K)
     for i in gl.static_range(NST):
