@@ -246,6 +246,11 @@ def sweep_gemv4(shapes):
         res.sort(key=lambda r: (math.isnan(r[0]), r[0]))
         # the best without an L2 prefetch too (il4's PF, round 9), to tell what the prefetch adds
         no_pf = next((f"  best PF 0: {t:.2f}us" for t, c in res if not c.get("PF")), "")
+        # and the best of each GEMV kind (il4 and the tensor-core one, gemv_mma.py) when both are offered
+        no_pf += next((f"  best MMA: {t:.2f}us " + "/".join(str(v) for v in c.values()) for t, c in res
+                       if c.get("MMA")), "")
+        no_pf += next((f"  best il4: {t:.2f}us " + "/".join(str(v) for v in c.values()) for t, c in res
+                       if "R4" in c), "")
         lines.append(f"{name:14s} " + "  ".join(
             f"{t:.2f}us " + "/".join(str(v) for key, v in c.items() if key != "num_stages") for t, c in res[:6])
             + no_pf)
