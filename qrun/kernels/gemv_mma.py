@@ -213,53 +213,6 @@ def _by_lane(a0, a1, a2, a3):
 
 
 @gluon.jit
-def _load_step(w_ptr, s_ptr, z_ptr, winner, gv, wv, sinner, gvs, wvs, t, rs0, nit, kb0, nblk, N4, KW, NB, UP,
-               NST: gl.constexpr, W: gl.constexpr, ASYM: gl.constexpr):
-    """Flat step t of the program (item t // NST, the item's step t % NST): each lane's words [W, 8, 4, 16] int32,
-    and its row group's scales [W, 8, 4, 4] (zeros with ASYM, else the scales again). Row groups from rs0 + item
-    (clamped to the last, N4 - 1) plus UP (N4 for gate+up's up rows); a warp past the program's blocks, or a step
-    past its items, reads nothing (words and scales 0)."""
-    item = t // NST
-    i = t - item * NST
-    rs = rs0 + gl.minimum(item, nit - 1)
-    lb = i * W + wv
-    ok = (lb < nblk) & (item < nit)
-    gb = gl.minimum(kb0 + lb, NB - 1)
-    rg = gl.minimum(rs * 8 + gv, N4 - 1) + UP
-    w = gl.load(w_ptr + winner + rg[None, :, None, None] * (KW * 4) + gb[:, None, None, None] * 64,
-                mask=ok[:, None, None, None], other=0)
-    lbs = i * W + wvs
-    oks = (lbs < nblk) & (item < nit)
-    gbs = gl.minimum(kb0 + lbs, NB - 1)
-    rgs = gl.minimum(rs * 8 + gvs, N4 - 1) + UP
-    so = sinner + rgs[None, :, None, None] * (NB * 4) + gbs[:, None, None, None] * 4
-    sc = gl.load(s_ptr + so, mask=oks[:, None, None, None], other=0.0)
-    if ASYM:
-        z = gl.load(z_ptr + so, mask=oks[:, None, None, None], other=0)
-    else:
-        z = sc
-    return w, sc, z
-
-
-@gluon.jit
-def _accumulate(a0, a1, a2, a3, d0, d1, d2, d3, e, sc, z, OFF: gl.constexpr, ASYM: gl.constexpr,
-                L3: gl.constexpr):
-    """The block's sums d_j of rows j (and sum(x) e) into the accumulators: a_j += scale (d_j - (OFF + zero) e)."""
-    s_0, s_1, s_2, s_3 = _split4(sc.to(gl.float32))
-    if ASYM:
-        z_0, z_1, z_2, z_3 = _split4(z.to(gl.float32))
-    else:
-        z_0 = s_0
-        z_1 = s_1
-        z_2 = s_2
-        z_3 = s_3
-    return (_apply(a0, d0, e, _l3(s_0, L3), _l3(z_0, L3), OFF, ASYM),
-            _apply(a1, d1, e, _l3(s_1, L3), _l3(z_1, L3), OFF, ASYM),
-            _apply(a2, d2, e, _l3(s_2, L3), _l3(z_2, L3), OFF, ASYM),
-            _apply(a3, d3, e, _l3(s_3, L3), _l3(z_3, L3), OFF, ASYM))
-
-
-@gluon.jit
 def gemv_il4_mma_kernel(
     # x (K,) bf16/fp16, words (N/4, KW, 4) int32 (il4), scales and zeros (N/4, NB, 4) (zeros: dummy unless asym),
     # bias (N_OUT,) or dummy, RMSNorm weight (K,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,);
@@ -268,13 +221,11 @@ def gemv_il4_mma_kernel(
     N_OUT, K, NB, eps,
     ENC: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr, NORM: gl.constexpr, HAS_RES: gl.constexpr,
     F16: gl.constexpr, NBS: gl.constexpr, SPLIT: gl.constexpr, AHEAD: gl.constexpr, PDL: gl.constexpr,
-    num_warps: gl.constexpr, ITEMS: gl.constexpr = 1,
+    num_warps: gl.constexpr,
 ):
-    """The module docstring says what a program does. NBS: blocks a program (NB with SPLIT 1). ITEMS (SPLIT 1
-    only): row sets a program, one after another, x staged once for all (fewer, longer programs: one wave)."""
-    gl.static_assert(SPLIT == 1 or ITEMS == 1, "a split program takes one row set")
+    """The module docstring says what a program does. NBS: blocks a program (NB with SPLIT 1)."""
     W: gl.constexpr = num_warps
-    NST: gl.constexpr = (NBS + W - 1) // W  # steps a row set: warp w's blocks w + W i, i < NST
+    NST: gl.constexpr = (NBS + W - 1) // W  # steps: warp w's blocks w + W i, i < NST
     ASYM: gl.constexpr = ENC == "int4_asym"
     SYM: gl.constexpr = not ASYM
     if F16:
@@ -287,7 +238,6 @@ def gemv_il4_mma_kernel(
                                         warps_per_cta=[W, 1, 1, 1], order=[3, 2, 1, 0])
     LS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 1, 4], threads_per_warp=[1, 8, 4, 1],
                                         warps_per_cta=[W, 1, 1, 1], order=[3, 2, 1, 0])
-    L3: gl.constexpr = gl.SliceLayout(3, LW)
     # staging: [row of 8 k, half, 4 k], a thread 4 k (one 8-byte load of x)
     LX: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 4], threads_per_warp=[16, 2, 1],
                                         warps_per_cta=[W, 1, 1], order=[2, 1, 0])
@@ -297,40 +247,72 @@ def gemv_il4_mma_kernel(
     KW = NB * 16
     kb0 = sp * NBS
     nblk = gl.minimum(NBS, NB - kb0)  # this program's blocks
-    rs0 = pid * ITEMS  # its first row set (8 row groups)
-    nit = gl.minimum(ITEMS, (N4 + 7) // 8 - rs0)  # its row sets
-    total = nit * NST
 
     wv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LW))))
     gv = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LW))))
     cv = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LW))))
     tv = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LW))))
+    rg = gl.minimum(pid * 8 + gv, N4 - 1)  # clamped: every load in bounds
     # lane c's chunk s is word 4 s + c of the block: each 16-byte load instruction (one s) reads 64 contiguous
     # bytes a row group, whole 32-byte sectors
-    winner = (cv[None, None, :, None] * 4 + (tv // 4)[None, None, None, :] * 16
-              + (tv % 4)[None, None, None, :])                                          # [1, 1, 4, 16]
-    wvs = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
+    woff = (rg[None, :, None, None] * (KW * 4) + cv[None, None, :, None] * 4
+            + (tv // 4)[None, None, None, :] * 16 + (tv % 4)[None, None, None, :])    # [1, 8, 4, 16]
     gvs = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
     cvs = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LS))))
     jv = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LS))))
-    sinner = cvs[None, None, :, None] * 0 + jv[None, None, None, :]                     # [1, 1, 4, 4]
-
-    # the first AHEAD steps' weights before waiting on the previous kernel (they depend on nothing it writes)
-    w0, s0, z0 = _load_step(w_ptr, s_ptr, z_ptr, winner, gv, wv, sinner, gvs, wvs, 0, rs0, nit, kb0, nblk, N4, KW,
-                            NB, 0, NST, W, ASYM)
+    rgs = gl.minimum(pid * 8 + gvs, N4 - 1)
+    soff = rgs[None, :, None, None] * (NB * 4) + cvs[None, None, :, None] * 0 + jv[None, None, None, :]
     if SILU:
-        u0, us0, uz0 = _load_step(w_ptr, s_ptr, z_ptr, winner, gv, wv, sinner, gvs, wvs, 0, rs0, nit, kb0, nblk, N4,
-                                  KW, NB, N4, NST, W, ASYM)
+        uoff = woff + N4 * (KW * 4)
+        usoff = soff + N4 * (NB * 4)
+    wvs = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
+
+    # the first AHEAD blocks' weights before waiting on the previous kernel (they depend on nothing it writes)
+    lb = wv
+    gb = gl.minimum(kb0 + lb, NB - 1)
+    ok = lb < nblk
+    lbs = wvs
+    gbs = gl.minimum(kb0 + lbs, NB - 1)
+    oks = lbs < nblk
+    w0 = gl.load(w_ptr + woff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
+    s0 = gl.load(s_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
+    if ASYM:
+        z0 = gl.load(z_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
+    else:
+        z0 = s0
+    if SILU:
+        u0 = gl.load(w_ptr + uoff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
+        us0 = gl.load(s_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
+        if ASYM:
+            uz0 = gl.load(z_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
+        else:
+            uz0 = us0
     else:
         u0 = w0
         us0 = s0
         uz0 = z0
     if AHEAD == 2:
-        w1, s1, z1 = _load_step(w_ptr, s_ptr, z_ptr, winner, gv, wv, sinner, gvs, wvs, 1, rs0, nit, kb0, nblk, N4,
-                                KW, NB, 0, NST, W, ASYM)
+        lb1 = wv + W
+        ok1 = lb1 < nblk
+        gb1 = gl.minimum(kb0 + lb1, NB - 1)
+        lbs1 = wvs + W
+        oks1 = lbs1 < nblk
+        gbs1 = gl.minimum(kb0 + lbs1, NB - 1)
+        w1 = gl.load(w_ptr + woff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
+        s1 = gl.load(s_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0.0)
+        if ASYM:
+            z1 = gl.load(z_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0)
+        else:
+            z1 = s1
         if SILU:
-            u1, us1, uz1 = _load_step(w_ptr, s_ptr, z_ptr, winner, gv, wv, sinner, gvs, wvs, 1, rs0, nit, kb0, nblk,
-                                      N4, KW, NB, N4, NST, W, ASYM)
+            u1 = gl.load(w_ptr + uoff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
+            us1 = gl.load(s_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
+                          other=0.0)
+            if ASYM:
+                uz1 = gl.load(z_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
+                              other=0)
+            else:
+                uz1 = us1
         else:
             u1 = w1
             us1 = s1
@@ -358,8 +340,8 @@ def gemv_il4_mma_kernel(
     kk = src[:, None, None] * 8 + hh[None, :, None] * 4 + ii[None, None, :]              # [W 16, 2, 4]
     ssq = gl.zeros([W * 16, 2, 4], gl.float32, LX)
     kend = gl.minimum((kb0 + nblk) * 128, K)
-    for st in gl.static_range(NST):
-        k = kb0 * 128 + st * (W * 128) + kk
+    for i in gl.static_range(NST):
+        k = kb0 * 128 + i * (W * 128) + kk
         km = k < kend
         xv = gl.load(x_ptr + k, mask=km, other=0.0).to(gl.float32)
         if NORM:
@@ -369,17 +351,14 @@ def gemv_il4_mma_kernel(
         e0, e2 = gl.split(ev)
         o1, o3 = gl.split(od)
         pairs = gl.reshape(gl.join(_pack2(e0, e2, F16), _pack2(o1, o3, F16)), [W * 16, 4])
-        xbuf.index(st).store(pairs)
+        xbuf.index(i).store(pairs)
     _cta_barrier()
     if _reinterpret_name() == "new":
         xq5 = xbuf.reinterpret(gl.int32, [NST, W, 1, 4, 16], PLAIN5)
     else:
         xq5 = xbuf._reinterpret(gl.int32, [NST, W, 1, 4, 16], PLAIN5)
-    if NORM:
-        sq = gl.sum(gl.sum(gl.sum(ssq, axis=2), axis=1), axis=0)
-    else:
-        sq = 0.0
 
+    L3: gl.constexpr = gl.SliceLayout(3, LW)
     a0 = gl.zeros([W, 8, 4], gl.float32, L3)
     a1 = gl.zeros([W, 8, 4], gl.float32, L3)
     a2 = gl.zeros([W, 8, 4], gl.float32, L3)
@@ -388,24 +367,58 @@ def gemv_il4_mma_kernel(
     b1 = gl.zeros([W, 8, 4], gl.float32, L3)
     b2 = gl.zeros([W, 8, 4], gl.float32, L3)
     b3 = gl.zeros([W, 8, 4], gl.float32, L3)
-    OL: gl.constexpr = gl.SliceLayout(0, L3)
-    loc = gl.arange(0, 8, layout=gl.SliceLayout(1, OL))[:, None] * 4 \
-        + gl.arange(0, 4, layout=gl.SliceLayout(0, OL))[None, :]                          # [8, 4]
-    for t in range(total):
-        wn, sn, zn = _load_step(w_ptr, s_ptr, z_ptr, winner, gv, wv, sinner, gvs, wvs, t + AHEAD, rs0, nit, kb0,
-                                nblk, N4, KW, NB, 0, NST, W, ASYM)
+    for i in range(NST):
+        # the weights AHEAD blocks on
+        lbn = wv + (i + AHEAD) * W
+        okn = lbn < nblk
+        gbn = gl.minimum(kb0 + lbn, NB - 1)
+        lbsn = wvs + (i + AHEAD) * W
+        oksn = lbsn < nblk
+        gbsn = gl.minimum(kb0 + lbsn, NB - 1)
+        wn = gl.load(w_ptr + woff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
+        sn = gl.load(s_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0.0)
+        if ASYM:
+            zn = gl.load(z_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0)
+        else:
+            zn = sn
         if SILU:
-            un, usn, uzn = _load_step(w_ptr, s_ptr, z_ptr, winner, gv, wv, sinner, gvs, wvs, t + AHEAD, rs0, nit,
-                                      kb0, nblk, N4, KW, NB, N4, NST, W, ASYM)
-        item = t // NST
-        i = t - item * NST
+            un = gl.load(w_ptr + uoff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
+            usn = gl.load(s_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
+                          other=0.0)
+            if ASYM:
+                uzn = gl.load(z_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
+                              other=0)
+            else:
+                uzn = usn
         xq = xq5.index(i).load(LW)                                                     # [W, 1, 4, 16]
         xq, wb = gl.broadcast(xq, w0)
         d0, d1, d2, d3, e = _step(w0, xq, F16, SYM, True, L3)
-        a0, a1, a2, a3 = _accumulate(a0, a1, a2, a3, d0, d1, d2, d3, e, s0, z0, OFF, ASYM, L3)
+        s_0, s_1, s_2, s_3 = _split4(s0.to(gl.float32))
+        if ASYM:
+            z_0, z_1, z_2, z_3 = _split4(z0.to(gl.float32))
+        else:
+            z_0 = s_0
+            z_1 = s_1
+            z_2 = s_2
+            z_3 = s_3
+        a0 = _apply(a0, d0, e, _l3(s_0, L3), _l3(z_0, L3), OFF, ASYM)
+        a1 = _apply(a1, d1, e, _l3(s_1, L3), _l3(z_1, L3), OFF, ASYM)
+        a2 = _apply(a2, d2, e, _l3(s_2, L3), _l3(z_2, L3), OFF, ASYM)
+        a3 = _apply(a3, d3, e, _l3(s_3, L3), _l3(z_3, L3), OFF, ASYM)
         if SILU:
             f0, f1, f2, f3, _unused = _step(u0, xq, F16, SYM, False, L3)
-            b0, b1, b2, b3 = _accumulate(b0, b1, b2, b3, f0, f1, f2, f3, e, us0, uz0, OFF, ASYM, L3)
+            t_0, t_1, t_2, t_3 = _split4(us0.to(gl.float32))
+            if ASYM:
+                y_0, y_1, y_2, y_3 = _split4(uz0.to(gl.float32))
+            else:
+                y_0 = t_0
+                y_1 = t_1
+                y_2 = t_2
+                y_3 = t_3
+            b0 = _apply(b0, f0, e, _l3(t_0, L3), _l3(y_0, L3), OFF, ASYM)
+            b1 = _apply(b1, f1, e, _l3(t_1, L3), _l3(y_1, L3), OFF, ASYM)
+            b2 = _apply(b2, f2, e, _l3(t_2, L3), _l3(y_2, L3), OFF, ASYM)
+            b3 = _apply(b3, f3, e, _l3(t_3, L3), _l3(y_3, L3), OFF, ASYM)
         if AHEAD == 2:
             w0 = w1
             s0 = s1
@@ -428,31 +441,23 @@ def gemv_il4_mma_kernel(
                 u0 = un
                 us0 = usn
                 uz0 = uzn
-        if SPLIT == 1:
-            if i == NST - 1:  # the end of a row set: its rows
-                out = _by_lane(a0, a1, a2, a3)                                           # [8, 4]
-                if SILU:
-                    up = _by_lane(b0, b1, b2, b3)
-                else:
-                    up = out
-                _epilogue(out, up, sq, (rs0 + item) * 32 + loc, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS,
-                          SILU, NORM, HAS_RES)
-                a0 = gl.zeros([W, 8, 4], gl.float32, L3)
-                a1 = gl.zeros([W, 8, 4], gl.float32, L3)
-                a2 = gl.zeros([W, 8, 4], gl.float32, L3)
-                a3 = gl.zeros([W, 8, 4], gl.float32, L3)
-                b0 = gl.zeros([W, 8, 4], gl.float32, L3)
-                b1 = gl.zeros([W, 8, 4], gl.float32, L3)
-                b2 = gl.zeros([W, 8, 4], gl.float32, L3)
-                b3 = gl.zeros([W, 8, 4], gl.float32, L3)
 
-    if SPLIT > 1:
-        out = _by_lane(a0, a1, a2, a3)                                                   # [8, 4]
-        if SILU:
-            up = _by_lane(b0, b1, b2, b3)
-        else:
-            up = out
-        rows = pid * 32 + loc
+    out = _by_lane(a0, a1, a2, a3)                                                       # [8, 4]
+    if SILU:
+        up = _by_lane(b0, b1, b2, b3)
+    else:
+        up = out
+    if NORM:
+        sq = gl.sum(gl.sum(gl.sum(ssq, axis=2), axis=1), axis=0)
+    else:
+        sq = 0.0
+    OL: gl.constexpr = out.type.layout
+    loc = gl.arange(0, 8, layout=gl.SliceLayout(1, OL))[:, None] * 4 \
+        + gl.arange(0, 4, layout=gl.SliceLayout(0, OL))[None, :]                          # [8, 4]
+    rows = pid * 32 + loc
+    if SPLIT == 1:
+        _epilogue(out, up, sq, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM, HAS_RES)
+    else:
         PW: gl.constexpr = 65  # a slot: 32 gate (or only) sums, 32 up sums, the sum of x^2
         pp = part_ptr + pid * (SPLIT * PW)
         mine = pp + sp * PW
