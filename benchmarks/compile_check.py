@@ -319,14 +319,14 @@ def gemv_mma_variants(few: bool = False):
     for nb in ((28,) if few else (28, 148)):
         cands = ops._mma_candidates(nb)
         if few:
-            cands = [c for c in cands if (c["SPLIT"], c["AHEAD"], c["RING"]) in ((2, 1, 0), (4, 2, 0), (4, 0, 4))][:3]
+            cands = [c for c in cands if (c["SPLIT"], c["AHEAD"]) in ((2, 1), (4, 2))][:2]
         for c in cands:
             for (enc, silu, extra, norm, pdl), dt in zip(VARIANTS + (("int4_asym", True, False, True, True),),
                                                          ("bf16", "fp16", "bf16", "bf16")):
                 yield (gemv_il4_mma_kernel, ptrs(base, dt, w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
                                                  part_ptr="*fp32", cnt_ptr="*i32"),
                        dict(ENC=enc, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, F16=dt == "fp16",
-                            NBS=-(-nb // c["SPLIT"]), SPLIT=c["SPLIT"], AHEAD=c["AHEAD"], RING=c["RING"], PDL=int(pdl),
+                            NBS=-(-nb // c["SPLIT"]), SPLIT=c["SPLIT"], AHEAD=c["AHEAD"], PDL=int(pdl),
                             num_warps=c["num_warps"]), c["num_warps"], 1)
 
 

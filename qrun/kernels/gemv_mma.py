@@ -47,11 +47,6 @@ from triton.experimental.gluon import language as gl
 
 from .gemm_wg import _cta_barrier, _reinterpret_name
 
-try:
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-except ImportError:  # pragma: no cover - depends on the installed triton
-    cp = None
-
 
 def step_asm(f16: bool, sym: bool, with_e: bool) -> str:
     """PTX of one block of one lane: 16 words ($16.. : chunk s word j at 4 s + j) and 16 x pairs ($32.. : chunk s
@@ -218,25 +213,6 @@ def _by_lane(a0, a1, a2, a3):
 
 
 @gluon.jit
-def _issue(wr, sr, zr, w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i, kb0, nblk, NB, W: gl.constexpr,
-           RING: gl.constexpr, ASYM: gl.constexpr):
-    """cp.async of step i's words, scales (and zeros) into ring slot i % RING: each thread copies its own lane's
-    bytes (and only it reads them back, after its own wait_group: no barrier). Past the program's blocks nothing
-    is read (zero fill)."""
-    lb = i * W + wv
-    gb = gl.minimum(kb0 + lb, NB - 1)
-    cp.async_copy_global_to_shared(wr.index(i % RING), w_ptr + woff + gb[:, None, None, None] * 64,
-                                   mask=(lb < nblk)[:, None, None, None])
-    lbs = i * W + wvs
-    gbs = gl.minimum(kb0 + lbs, NB - 1)
-    cp.async_copy_global_to_shared(sr.index(i % RING), s_ptr + soff + gbs[:, None, None, None] * 4,
-                                   mask=(lbs < nblk)[:, None, None, None])
-    if ASYM:
-        cp.async_copy_global_to_shared(zr.index(i % RING), z_ptr + soff + gbs[:, None, None, None] * 4,
-                                       mask=(lbs < nblk)[:, None, None, None])
-
-
-@gluon.jit
 def gemv_il4_mma_kernel(
     # x (K,) bf16/fp16, words (N/4, KW, 4) int32 (il4), scales and zeros (N/4, NB, 4) (zeros: dummy unless asym),
     # bias (N_OUT,) or dummy, RMSNorm weight (K,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,);
@@ -245,11 +221,9 @@ def gemv_il4_mma_kernel(
     N_OUT, K, NB, eps,
     ENC: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr, NORM: gl.constexpr, HAS_RES: gl.constexpr,
     F16: gl.constexpr, NBS: gl.constexpr, SPLIT: gl.constexpr, AHEAD: gl.constexpr, PDL: gl.constexpr,
-    num_warps: gl.constexpr, RING: gl.constexpr = 0,
+    num_warps: gl.constexpr,
 ):
-    """The module docstring says what a program does. NBS: blocks a program (NB with SPLIT 1). RING > 0: the
-    weights come through a ring of RING steps in shared memory by cp.async (RING - 1 steps in flight, no
-    registers held for them) instead of AHEAD steps in registers."""
+    """The module docstring says what a program does. NBS: blocks a program (NB with SPLIT 1)."""
     W: gl.constexpr = num_warps
     NST: gl.constexpr = (NBS + W - 1) // W  # steps: warp w's blocks w + W i, i < NST
     ASYM: gl.constexpr = ENC == "int4_asym"
@@ -294,77 +268,55 @@ def gemv_il4_mma_kernel(
     wvs = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
 
     # the first AHEAD blocks' weights before waiting on the previous kernel (they depend on nothing it writes)
-    if RING > 0:
-        PLAIN4: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[3, 2, 1, 0])
-        SDT: gl.constexpr = s_ptr.dtype.element_ty
-        wr = gl.allocate_shared_memory(gl.int32, [RING, W, 8, 4, 16], PLAIN4)
-        sr = gl.allocate_shared_memory(SDT, [RING, W, 8, 4, 4], PLAIN4)
-        if ASYM:
-            zr = gl.allocate_shared_memory(gl.uint8, [RING, W, 8, 4, 4], PLAIN4)
-        else:
-            zr = sr
-        if SILU:
-            ur = gl.allocate_shared_memory(gl.int32, [RING, W, 8, 4, 16], PLAIN4)
-            usr = gl.allocate_shared_memory(SDT, [RING, W, 8, 4, 4], PLAIN4)
-            if ASYM:
-                uzr = gl.allocate_shared_memory(gl.uint8, [RING, W, 8, 4, 4], PLAIN4)
-            else:
-                uzr = usr
-        for st in gl.static_range(RING - 1):
-            _issue(wr, sr, zr, w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, st, kb0, nblk, NB, W, RING, ASYM)
-            if SILU:
-                _issue(ur, usr, uzr, w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, st, kb0, nblk, NB, W, RING, ASYM)
-            cp.commit_group()
+    lb = wv
+    gb = gl.minimum(kb0 + lb, NB - 1)
+    ok = lb < nblk
+    lbs = wvs
+    gbs = gl.minimum(kb0 + lbs, NB - 1)
+    oks = lbs < nblk
+    w0 = gl.load(w_ptr + woff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
+    s0 = gl.load(s_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
+    if ASYM:
+        z0 = gl.load(z_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
     else:
-        lb = wv
-        gb = gl.minimum(kb0 + lb, NB - 1)
-        ok = lb < nblk
-        lbs = wvs
-        gbs = gl.minimum(kb0 + lbs, NB - 1)
-        oks = lbs < nblk
-        w0 = gl.load(w_ptr + woff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
-        s0 = gl.load(s_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
+        z0 = s0
+    if SILU:
+        u0 = gl.load(w_ptr + uoff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
+        us0 = gl.load(s_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
         if ASYM:
-            z0 = gl.load(z_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
+            uz0 = gl.load(z_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
         else:
-            z0 = s0
+            uz0 = us0
+    else:
+        u0 = w0
+        us0 = s0
+        uz0 = z0
+    if AHEAD == 2:
+        lb1 = wv + W
+        ok1 = lb1 < nblk
+        gb1 = gl.minimum(kb0 + lb1, NB - 1)
+        lbs1 = wvs + W
+        oks1 = lbs1 < nblk
+        gbs1 = gl.minimum(kb0 + lbs1, NB - 1)
+        w1 = gl.load(w_ptr + woff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
+        s1 = gl.load(s_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0.0)
+        if ASYM:
+            z1 = gl.load(z_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0)
+        else:
+            z1 = s1
         if SILU:
-            u0 = gl.load(w_ptr + uoff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
-            us0 = gl.load(s_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
+            u1 = gl.load(w_ptr + uoff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
+            us1 = gl.load(s_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
+                          other=0.0)
             if ASYM:
-                uz0 = gl.load(z_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
+                uz1 = gl.load(z_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
+                              other=0)
             else:
-                uz0 = us0
+                uz1 = us1
         else:
-            u0 = w0
-            us0 = s0
-            uz0 = z0
-        if AHEAD == 2:
-            lb1 = wv + W
-            ok1 = lb1 < nblk
-            gb1 = gl.minimum(kb0 + lb1, NB - 1)
-            lbs1 = wvs + W
-            oks1 = lbs1 < nblk
-            gbs1 = gl.minimum(kb0 + lbs1, NB - 1)
-            w1 = gl.load(w_ptr + woff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
-            s1 = gl.load(s_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0.0)
-            if ASYM:
-                z1 = gl.load(z_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0)
-            else:
-                z1 = s1
-            if SILU:
-                u1 = gl.load(w_ptr + uoff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
-                us1 = gl.load(s_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
-                              other=0.0)
-                if ASYM:
-                    uz1 = gl.load(z_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
-                                  other=0)
-                else:
-                    uz1 = us1
-            else:
-                u1 = w1
-                us1 = s1
-                uz1 = z1
+            u1 = w1
+            us1 = s1
+            uz1 = z1
 
     if PDL == 1:
         _gdc(True)
@@ -416,49 +368,28 @@ def gemv_il4_mma_kernel(
     b2 = gl.zeros([W, 8, 4], gl.float32, L3)
     b3 = gl.zeros([W, 8, 4], gl.float32, L3)
     for i in range(NST):
-        if RING > 0:
-            _issue(wr, sr, zr, w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i + RING - 1, kb0, nblk, NB, W, RING, ASYM)
-            if SILU:
-                _issue(ur, usr, uzr, w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, i + RING - 1, kb0, nblk, NB, W, RING,
-                       ASYM)
-            cp.commit_group()
-            cp.wait_group(RING - 1)  # step i's copies, this thread's own
-            w0 = wr.index(i % RING).load(LW)
-            s0 = sr.index(i % RING).load(LS)
-            if ASYM:
-                z0 = zr.index(i % RING).load(LS)
-            else:
-                z0 = s0
-            if SILU:
-                u0 = ur.index(i % RING).load(LW)
-                us0 = usr.index(i % RING).load(LS)
-                if ASYM:
-                    uz0 = uzr.index(i % RING).load(LS)
-                else:
-                    uz0 = us0
+        # the weights AHEAD blocks on
+        lbn = wv + (i + AHEAD) * W
+        okn = lbn < nblk
+        gbn = gl.minimum(kb0 + lbn, NB - 1)
+        lbsn = wvs + (i + AHEAD) * W
+        oksn = lbsn < nblk
+        gbsn = gl.minimum(kb0 + lbsn, NB - 1)
+        wn = gl.load(w_ptr + woff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
+        sn = gl.load(s_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0.0)
+        if ASYM:
+            zn = gl.load(z_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0)
         else:
-            # the weights AHEAD blocks on
-            lbn = wv + (i + AHEAD) * W
-            okn = lbn < nblk
-            gbn = gl.minimum(kb0 + lbn, NB - 1)
-            lbsn = wvs + (i + AHEAD) * W
-            oksn = lbsn < nblk
-            gbsn = gl.minimum(kb0 + lbsn, NB - 1)
-            wn = gl.load(w_ptr + woff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
-            sn = gl.load(s_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0.0)
+            zn = sn
+        if SILU:
+            un = gl.load(w_ptr + uoff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
+            usn = gl.load(s_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
+                          other=0.0)
             if ASYM:
-                zn = gl.load(z_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0)
+                uzn = gl.load(z_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
+                              other=0)
             else:
-                zn = sn
-            if SILU:
-                un = gl.load(w_ptr + uoff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
-                usn = gl.load(s_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
-                              other=0.0)
-                if ASYM:
-                    uzn = gl.load(z_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
-                                  other=0)
-                else:
-                    uzn = usn
+                uzn = usn
         xq = xq5.index(i).load(LW)                                                     # [W, 1, 4, 16]
         xq, wb = gl.broadcast(xq, w0)
         d0, d1, d2, d3, e = _step(w0, xq, F16, SYM, True, L3)
@@ -488,29 +419,28 @@ def gemv_il4_mma_kernel(
             b1 = _apply(b1, f1, e, _l3(t_1, L3), _l3(y_1, L3), OFF, ASYM)
             b2 = _apply(b2, f2, e, _l3(t_2, L3), _l3(y_2, L3), OFF, ASYM)
             b3 = _apply(b3, f3, e, _l3(t_3, L3), _l3(y_3, L3), OFF, ASYM)
-        if RING == 0:
-            if AHEAD == 2:
-                w0 = w1
-                s0 = s1
-                z0 = z1
-                w1 = wn
-                s1 = sn
-                z1 = zn
-                if SILU:
-                    u0 = u1
-                    us0 = us1
-                    uz0 = uz1
-                    u1 = un
-                    us1 = usn
-                    uz1 = uzn
-            else:
-                w0 = wn
-                s0 = sn
-                z0 = zn
-                if SILU:
-                    u0 = un
-                    us0 = usn
-                    uz0 = uzn
+        if AHEAD == 2:
+            w0 = w1
+            s0 = s1
+            z0 = z1
+            w1 = wn
+            s1 = sn
+            z1 = zn
+            if SILU:
+                u0 = u1
+                us0 = us1
+                uz0 = uz1
+                u1 = un
+                us1 = usn
+                uz1 = uzn
+        else:
+            w0 = wn
+            s0 = sn
+            z0 = zn
+            if SILU:
+                u0 = un
+                us0 = usn
+                uz0 = uzn
 
     out = _by_lane(a0, a1, a2, a3)                                                       # [8, 4]
     if SILU:

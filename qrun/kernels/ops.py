@@ -280,13 +280,10 @@ IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1
                   (2, 2, 1, 2, 0), (2, 2, 0, 4, 0))  # R4 2 and no prefetch: what ROPE (gemv_il.py) runs
 
 
-# The tensor-core GEMV (gemv_mma.py): (warps, SPLIT programs a row set along K, AHEAD blocks of weights in flight in
-# registers, RING > 0: instead a ring of RING blocks in shared memory filled by cp.async). Round 16 (H100,
-# kernels.py --sweep, docs/PERF.md attempt 78): 4 warps split 4 or 8 ways won 7B qkv, o and down; gate+up stays
-# with the il4 GEMV.
-MMA_TABLE = ((4, 4, 1, 0), (4, 4, 2, 0), (8, 2, 1, 0), (8, 2, 2, 0), (4, 8, 1, 0), (8, 4, 1, 0), (16, 1, 1, 0),
-             (4, 2, 1, 0), (4, 1, 1, 0), (4, 4, 0, 4), (4, 8, 0, 4), (4, 2, 0, 6), (4, 1, 0, 4), (8, 2, 0, 4),
-             (4, 4, 0, 8))
+# The tensor-core GEMV (gemv_mma.py): (warps, SPLIT programs a row set along K, AHEAD blocks of weights in flight).
+# Round 16 (H100, kernels.py --sweep, docs/PERF.md attempt 78): 4 warps split 4 or 8 ways won 7B qkv, o and down;
+# gate+up stays with the il4 GEMV (~10% slower here, with any of these configs).
+MMA_TABLE = ((4, 4, 1), (4, 4, 2), (8, 2, 1), (8, 2, 2), (4, 8, 1), (8, 4, 1), (16, 1, 1))
 MMA_SMEM_MAX = 96 * 1024  # its staged x: steps x warps x 256 bytes
 
 
@@ -300,13 +297,13 @@ def _mma_ok(dev: int, encoding: str, block_size: int, x_dtype) -> bool:
 
 def _mma_candidates(nb):
     out = []
-    for w, sp, ahead, ring in MMA_TABLE:
+    for w, sp, ahead in MMA_TABLE:
         nbs = triton_cdiv(nb, sp)
         if sp > 1 and (sp - 1) * nbs >= nb:
             continue  # a program with nothing to do
         if triton_cdiv(nbs, w) * w * 256 > MMA_SMEM_MAX:
             continue
-        out.append(dict(MMA=True, SPLIT=sp, AHEAD=ahead, RING=ring, num_warps=w))
+        out.append(dict(MMA=True, SPLIT=sp, AHEAD=ahead, num_warps=w))
     return out
 
 
@@ -625,7 +622,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                         x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k, nb, eps, ENC=encoding,
                         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None,
                         HAS_RES=residual is not None, F16=x.dtype == torch.float16, NBS=triton_cdiv(nb, split),
-                        SPLIT=split, AHEAD=c["AHEAD"], RING=c["RING"], num_warps=c["num_warps"], **kw)
+                        SPLIT=split, AHEAD=c["AHEAD"], num_warps=c["num_warps"], **kw)
                     return
                 progs = triton_cdiv(n_out // 4, c["R4"])
                 part, cnt = _il4_scratch(progs, c, x.device, scales)  # the counters stay zero between launches
