@@ -56,8 +56,10 @@ GEMM_EVEN = os.environ.get("QRUN_GEMM_EVEN", "1") == "1"
 # it out (A/B timing).
 GEMM_WG = os.environ.get("QRUN_GEMM_WG", "1") == "1"
 # 1 (default): the tensor-core GEMV (gemv_mma.py: il4 int4, blocks of 128, M = 1, sm_90) joins the il4 GEMV's
-# configs; 0 leaves it out (A/B timing).
-GEMV_MMA = os.environ.get("QRUN_GEMV_MMA", "1") == "1"
+# configs; 0 leaves it out (A/B timing); 2 puts its configs first, so that untuned launches (QRUN_KERNEL_TUNE=0,
+# the GPU tests) take it.
+GEMV_MMA = os.environ.get("QRUN_GEMV_MMA", "1") in ("1", "2")
+GEMV_MMA_FIRST = os.environ.get("QRUN_GEMV_MMA") == "2"
 # 1 (default): with it, its warp-specialized variant (gemm_wg.gemm_il4_ws_kernel); 0 leaves that out.
 GEMM_WS = os.environ.get("QRUN_GEMM_WS", "1") == "1"
 
@@ -328,7 +330,7 @@ def _il4_candidates(nb, table=IL4_TABLE, mma=False):
         if c not in out:
             out.append(c)
     if mma:
-        out += _mma_candidates(nb)
+        out = _mma_candidates(nb) + out if GEMV_MMA_FIRST else out + _mma_candidates(nb)
     if INTERPRET:  # QRUN_IL4_SPLIT: the interpreter tests' way to run the split-K path
         out = [dict(R4=2, G=2, DEEP=True, SPLIT=int(os.environ.get("QRUN_IL4_SPLIT", 1)), PF=0, num_warps=1,
                     num_stages=1)]
@@ -609,6 +611,10 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             # SMs, and a grid of one long wave is as slow as its most loaded SM. The tuner cannot see it (it
             # times each config in a chain of itself), hence a rule. Not launching with PDL is always safe.
             kw = _gemv_pdl(x2, k)
+            # The tensor-core GEMV is launched with PDL at any K: 7B decode 486.2 -> 496.3 tok/s with down (K =
+            # 18944) under PDL (H100, round 16, attempt 79: ab_env.sh with QRUN_PDL_MAX_K=1000000, two processes a
+            # side, its pick for down in both).
+            kw_mma = pdl_kwargs(x2, gemv=True)
 
             def launch(c, w, s, zz, out=y):
                 if c.get("MMA"):  # the tensor-core GEMV: 32 rows (8 row groups) a program
@@ -622,7 +628,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                         x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k, nb, eps, ENC=encoding,
                         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None,
                         HAS_RES=residual is not None, F16=x.dtype == torch.float16, NBS=triton_cdiv(nb, split),
-                        SPLIT=split, AHEAD=c["AHEAD"], num_warps=c["num_warps"], **kw)
+                        SPLIT=split, AHEAD=c["AHEAD"], num_warps=c["num_warps"], **kw_mma)
                     return
                 progs = triton_cdiv(n_out // 4, c["R4"])
                 part, cnt = _il4_scratch(progs, c, x.device, scales)  # the counters stay zero between launches
