@@ -151,3 +151,34 @@ def test_tune_decode_keeps_candidates_and_results(model_file, monkeypatch):
         assert s.after in ops.gemv_candidates(s.key) and ops.get_config(s.key) == s.after
         assert len(s.times_ms) >= 1
     assert llm.generate("hello world", max_new_tokens=8, temperature=0) == before
+
+
+def test_mma_gemv_decode_matches_il4(model_file, monkeypatch):
+    """The decode step (bf16, CUDA graph) with the tensor-core GEMV (gemv_mma.py) for every int4 projection gives the
+    logits of the same step with the il4 GEMV, up to bf16 rounding; both untuned (the first candidate)."""
+    import qrun
+    import qrun.kernels.ops as ops
+    from qrun.runtime.generate import prefill
+    if not ops._mma_ok(torch.cuda.current_device(), "int4_sym", 128, torch.bfloat16):
+        pytest.skip("the tensor-core GEMV needs sm_90 and Gluon")
+    monkeypatch.setattr(ops, "TUNE", False)
+    outs = []
+    for first in (False, True):
+        monkeypatch.setattr(ops, "GEMV_MMA_FIRST", first)
+        ops._tuned.clear()
+        llm = qrun.load(model_file, device="cuda", dtype="bfloat16", progress=False, max_seq_len=64, graph=True)
+        torch.manual_seed(0)
+        prompt = torch.randint(0, llm.model.args.vocab_size, (1, 9), device="cuda")
+        with torch.inference_mode():
+            logits = prefill(llm.model, prompt, torch.arange(9, device="cuda"))
+            tok, pos, seq = logits.argmax(-1), torch.tensor([9], device="cuda"), []
+            for t in range(12):
+                seq.append(llm.decode_step(tok.view(1, 1), pos).float().clone())
+                tok = prompt[:, t % 9]  # the same inputs in both runs, whatever the logits
+                pos += 1
+        outs.append(torch.stack(seq))
+        il4 = [c for k, c in ops._tuned.items() if k[1] == "gemv_il4"]  # int4 files' projections (not int8's)
+        assert all(bool(c.get("MMA")) == first for c in il4), ops._tuned
+    assert torch.isfinite(outs[1]).all()
+    err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    assert err <= 2e-2, err
