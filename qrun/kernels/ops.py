@@ -284,8 +284,9 @@ IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1
 
 # The tensor-core GEMV (gemv_mma.py): (warps, SPLIT programs a row set along K, AHEAD blocks of weights in flight).
 # Round 16 (H100, kernels.py --sweep, docs/PERF.md attempt 78): 4 warps split 4 or 8 ways won 7B qkv, o and down;
-# gate+up stays with the il4 GEMV (~10% slower here, with any of these configs).
-MMA_TABLE = ((4, 4, 1), (4, 4, 2), (8, 2, 1), (8, 2, 2), (4, 8, 1), (8, 4, 1), (16, 1, 1))
+# gate+up stays with the il4 GEMV (~10% slower here, with any of these configs). Five configs: each costs a compile
+# and a timing per shape in a cold process's warm-up.
+MMA_TABLE = ((4, 4, 1), (4, 4, 2), (4, 8, 1), (8, 2, 2), (8, 4, 1))
 MMA_SMEM_MAX = 96 * 1024  # its staged x: steps x warps x 256 bytes
 
 
