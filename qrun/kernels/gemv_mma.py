@@ -213,6 +213,24 @@ def _by_lane(a0, a1, a2, a3):
 
 
 @gluon.jit
+def _load_block(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i, kb0, nblk, NB, W: gl.constexpr, ASYM: gl.constexpr):
+    """Step i's words [W, 8, 4, 16] (warp w: block kb0 + i W + w), its row groups' scales [W, 8, 4, 4] and zeros
+    (ASYM; else the scales again). A warp past the program's blocks reads nothing (words and scales 0)."""
+    lb = i * W + wv
+    gb = gl.minimum(kb0 + lb, NB - 1)
+    w = gl.load(w_ptr + woff + gb[:, None, None, None] * 64, mask=(lb < nblk)[:, None, None, None], other=0)
+    lbs = i * W + wvs
+    gbs = gl.minimum(kb0 + lbs, NB - 1)
+    oks = (lbs < nblk)[:, None, None, None]
+    sc = gl.load(s_ptr + soff + gbs[:, None, None, None] * 4, mask=oks, other=0.0)
+    if ASYM:
+        z = gl.load(z_ptr + soff + gbs[:, None, None, None] * 4, mask=oks, other=0)
+    else:
+        z = sc
+    return w, sc, z
+
+
+@gluon.jit
 def gemv_il4_mma_kernel(
     # x (K,) bf16/fp16, words (N/4, KW, 4) int32 (il4), scales and zeros (N/4, NB, 4) (zeros: dummy unless asym),
     # bias (N_OUT,) or dummy, RMSNorm weight (K,) or dummy, residual (N_OUT,) or dummy, y (N_OUT,);
@@ -268,51 +286,17 @@ def gemv_il4_mma_kernel(
     wvs = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
 
     # the first AHEAD blocks' weights before waiting on the previous kernel (they depend on nothing it writes)
-    lb = wv
-    gb = gl.minimum(kb0 + lb, NB - 1)
-    ok = lb < nblk
-    lbs = wvs
-    gbs = gl.minimum(kb0 + lbs, NB - 1)
-    oks = lbs < nblk
-    w0 = gl.load(w_ptr + woff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
-    s0 = gl.load(s_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
-    if ASYM:
-        z0 = gl.load(z_ptr + soff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
-    else:
-        z0 = s0
+    w0, s0, z0 = _load_block(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, 0, kb0, nblk, NB, W, ASYM)
     if SILU:
-        u0 = gl.load(w_ptr + uoff + gb[:, None, None, None] * 64, mask=ok[:, None, None, None], other=0)
-        us0 = gl.load(s_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0.0)
-        if ASYM:
-            uz0 = gl.load(z_ptr + usoff + gbs[:, None, None, None] * 4, mask=oks[:, None, None, None], other=0)
-        else:
-            uz0 = us0
+        u0, us0, uz0 = _load_block(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, 0, kb0, nblk, NB, W, ASYM)
     else:
         u0 = w0
         us0 = s0
         uz0 = z0
     if AHEAD == 2:
-        lb1 = wv + W
-        ok1 = lb1 < nblk
-        gb1 = gl.minimum(kb0 + lb1, NB - 1)
-        lbs1 = wvs + W
-        oks1 = lbs1 < nblk
-        gbs1 = gl.minimum(kb0 + lbs1, NB - 1)
-        w1 = gl.load(w_ptr + woff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
-        s1 = gl.load(s_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0.0)
-        if ASYM:
-            z1 = gl.load(z_ptr + soff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None], other=0)
-        else:
-            z1 = s1
+        w1, s1, z1 = _load_block(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, 1, kb0, nblk, NB, W, ASYM)
         if SILU:
-            u1 = gl.load(w_ptr + uoff + gb1[:, None, None, None] * 64, mask=ok1[:, None, None, None], other=0)
-            us1 = gl.load(s_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
-                          other=0.0)
-            if ASYM:
-                uz1 = gl.load(z_ptr + usoff + gbs1[:, None, None, None] * 4, mask=oks1[:, None, None, None],
-                              other=0)
-            else:
-                uz1 = us1
+            u1, us1, uz1 = _load_block(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, 1, kb0, nblk, NB, W, ASYM)
         else:
             u1 = w1
             us1 = s1
@@ -369,27 +353,9 @@ def gemv_il4_mma_kernel(
     b3 = gl.zeros([W, 8, 4], gl.float32, L3)
     for i in range(NST):
         # the weights AHEAD blocks on
-        lbn = wv + (i + AHEAD) * W
-        okn = lbn < nblk
-        gbn = gl.minimum(kb0 + lbn, NB - 1)
-        lbsn = wvs + (i + AHEAD) * W
-        oksn = lbsn < nblk
-        gbsn = gl.minimum(kb0 + lbsn, NB - 1)
-        wn = gl.load(w_ptr + woff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
-        sn = gl.load(s_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0.0)
-        if ASYM:
-            zn = gl.load(z_ptr + soff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None], other=0)
-        else:
-            zn = sn
+        wn, sn, zn = _load_block(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i + AHEAD, kb0, nblk, NB, W, ASYM)
         if SILU:
-            un = gl.load(w_ptr + uoff + gbn[:, None, None, None] * 64, mask=okn[:, None, None, None], other=0)
-            usn = gl.load(s_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
-                          other=0.0)
-            if ASYM:
-                uzn = gl.load(z_ptr + usoff + gbsn[:, None, None, None] * 4, mask=oksn[:, None, None, None],
-                              other=0)
-            else:
-                uzn = usn
+            un, usn, uzn = _load_block(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, i + AHEAD, kb0, nblk, NB, W, ASYM)
         xq = xq5.index(i).load(LW)                                                     # [W, 1, 4, 16]
         xq, wb = gl.broadcast(xq, w0)
         d0, d1, d2, d3, e = _step(w0, xq, F16, SYM, True, L3)
