@@ -183,6 +183,25 @@ def _apply(acc, d, e, s, z, OFF: gl.constexpr, ASYM: gl.constexpr):
 
 
 @gluon.jit
+def _accumulate(a0, a1, a2, a3, d0, d1, d2, d3, e, sc, z, OFF: gl.constexpr, ASYM: gl.constexpr,
+                L3: gl.constexpr):
+    """The block's sums d_j of rows j = 0..3 (and sum(x) e) into the accumulators: a_j += scale_j (d_j - (OFF +
+    zero_j) e); sc, z [W, 8, 4, 4] the row group's scales and zeros (or the scales again, sym)."""
+    s_0, s_1, s_2, s_3 = _split4(sc.to(gl.float32))
+    if ASYM:
+        z_0, z_1, z_2, z_3 = _split4(z.to(gl.float32))
+    else:
+        z_0 = s_0
+        z_1 = s_1
+        z_2 = s_2
+        z_3 = s_3
+    return (_apply(a0, d0, e, _l3(s_0, L3), _l3(z_0, L3), OFF, ASYM),
+            _apply(a1, d1, e, _l3(s_1, L3), _l3(z_1, L3), OFF, ASYM),
+            _apply(a2, d2, e, _l3(s_2, L3), _l3(z_2, L3), OFF, ASYM),
+            _apply(a3, d3, e, _l3(s_3, L3), _l3(z_3, L3), OFF, ASYM))
+
+
+@gluon.jit
 def _epilogue(out, up, ssq, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS: gl.constexpr,
               SILU: gl.constexpr, NORM: gl.constexpr, HAS_RES: gl.constexpr):
     """out, up [8, 4] float32 sums of rows `rows`, ssq the sum of x^2 over K -> y (gemv_il._il4_epilogue)."""
@@ -359,32 +378,10 @@ def gemv_il4_mma_kernel(
         xq = xq5.index(i).load(LW)                                                     # [W, 1, 4, 16]
         xq, wb = gl.broadcast(xq, w0)
         d0, d1, d2, d3, e = _step(w0, xq, F16, SYM, True, L3)
-        s_0, s_1, s_2, s_3 = _split4(s0.to(gl.float32))
-        if ASYM:
-            z_0, z_1, z_2, z_3 = _split4(z0.to(gl.float32))
-        else:
-            z_0 = s_0
-            z_1 = s_1
-            z_2 = s_2
-            z_3 = s_3
-        a0 = _apply(a0, d0, e, _l3(s_0, L3), _l3(z_0, L3), OFF, ASYM)
-        a1 = _apply(a1, d1, e, _l3(s_1, L3), _l3(z_1, L3), OFF, ASYM)
-        a2 = _apply(a2, d2, e, _l3(s_2, L3), _l3(z_2, L3), OFF, ASYM)
-        a3 = _apply(a3, d3, e, _l3(s_3, L3), _l3(z_3, L3), OFF, ASYM)
+        a0, a1, a2, a3 = _accumulate(a0, a1, a2, a3, d0, d1, d2, d3, e, s0, z0, OFF, ASYM, L3)
         if SILU:
             f0, f1, f2, f3, _unused = _step(u0, xq, F16, SYM, False, L3)
-            t_0, t_1, t_2, t_3 = _split4(us0.to(gl.float32))
-            if ASYM:
-                y_0, y_1, y_2, y_3 = _split4(uz0.to(gl.float32))
-            else:
-                y_0 = t_0
-                y_1 = t_1
-                y_2 = t_2
-                y_3 = t_3
-            b0 = _apply(b0, f0, e, _l3(t_0, L3), _l3(y_0, L3), OFF, ASYM)
-            b1 = _apply(b1, f1, e, _l3(t_1, L3), _l3(y_1, L3), OFF, ASYM)
-            b2 = _apply(b2, f2, e, _l3(t_2, L3), _l3(y_2, L3), OFF, ASYM)
-            b3 = _apply(b3, f3, e, _l3(t_3, L3), _l3(y_3, L3), OFF, ASYM)
+            b0, b1, b2, b3 = _accumulate(b0, b1, b2, b3, f0, f1, f2, f3, e, us0, uz0, OFF, ASYM, L3)
         if AHEAD == 2:
             w0 = w1
             s0 = s1
