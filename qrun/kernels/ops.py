@@ -295,7 +295,8 @@ def _mma_ok(dev: int, encoding: str, block_size: int, x_dtype) -> bool:
     GPU it is tested on), Gluon present."""
     return (gemv_il4_mma_kernel is not None and GEMV_MMA and not INTERPRET and dev >= 0
             and encoding in ("int4_sym", "int4_asym") and block_size == 128
-            and x_dtype in (torch.bfloat16, torch.float16) and _capability(dev)[0] == 9)
+            and x_dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
+            and _capability(dev)[0] == 9)
 
 
 def _mma_candidates(nb):
