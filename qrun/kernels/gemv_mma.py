@@ -27,8 +27,10 @@ so each mma's 16 k are the 4 lanes c' 4 k, all inside one block, and its D holds
 them, the same in every column (x is each of B's 8 columns) and in every lane of the row group. x is staged
 once per program in shared memory as bf16 (or fp16) pairs in that order, (k0, k2), (k1, k3), (k4, k6), (k5,
 k7), normalized by the RMSNorm weight on the way when NORM (the sum of x^2 taken then too), so a lane's B
-fragments are four 16-byte shared loads a block. Per block a lane then runs ~112 integer instructions, 16 + 8
-HMMA and ~12 for the scale: ~9 a word against the il4 GEMV's ~21.
+fragments are four 16-byte shared loads a block. Per block of 16 words a lane runs 193 SASS instructions (112
+integer for the nibbles, 16 + 8 HMMA, the scale, loads and the loop; offline SASS, triton 3.6): ~12 a word against
+the il4 GEMV's ~21. On the H100 that made 7B qkv and o ~15% faster and down ~3%; gate+up stays faster on il4
+(docs/PERF.md attempt 78).
 
 Program (pid, sp): row groups 8 pid .. 8 pid + 7 (SILU: and the up rows' groups + N_OUT / 4), blocks sp NBS ..
 (sp + 1) NBS - 1 of K; warp w takes the program's blocks w, w + W, ... and the warps' sums are added at the

@@ -2,7 +2,8 @@
 qrun::quant_linear_silu_mul), so torch.compile treats them as opaque calls and CUDA graphs capture them.
 
 Dispatch by M (rows of x): M == 1 -> gemv_tc16_kernel (int4 in the "tc16" layout, tensor cores),
-gemv_il4_kernel (int4, "il4"), gemv_int4_kernel (int4 "rows", packed bytes read as int32 words) or
+gemv_il4_kernel or gemv_il4_mma_kernel (int4, "il4": the word GEMV or the tensor-core one, the tuner picks per
+shape), gemv_int4_kernel (int4 "rows", packed bytes read as int32 words) or
 gemv_kernel (int8, nf4), M >= 2 -> gemm_kernel (tl.dot; M <= 16 pads the MMA
 to 16). Launch configs are timed once per (device, kernel, encoding, block size, dtype, N, K, M bucket) and
 cached for the process; under CUDA graph capture an untuned shape takes the first candidate (timing is
