@@ -108,12 +108,12 @@ def _first5(v):
     d0, d1 = gl.split(t)
     c00, c01 = gl.split(d0)  # d = 0: c = 0, 1
     c10, c11 = gl.split(d1)
-    e0, e4 = gl.split(gl.split(c00)[0])   # d = 0, c = 0, b = 0: a = 0 (0), a = 1 (8)
+    v0 = gl.split(gl.split(c00)[0])[0]    # d = 0, c = 0, b = 0, a = 0: index 0
     v4 = gl.split(gl.split(c00)[1])[0]    # d = 0, c = 0, b = 1, a = 0: index 4
     v1 = gl.split(gl.split(c10)[0])[0]    # d = 1, c = 0: index 1
     v2 = gl.split(gl.split(c01)[0])[0]    # d = 0, c = 1: index 2
     v3 = gl.split(gl.split(c11)[0])[0]    # d = 1, c = 1: index 3
-    return e0, v1, v2, v3, v4
+    return v0, v1, v2, v3, v4
 
 
 @gluon.jit
@@ -378,7 +378,7 @@ def gemv_il4_mma_kernel(
         if SILU:
             un, usn, uzn = _load_block(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, i + AHEAD, kb0, nblk, NB, W, ASYM)
         xq = xq5.index(i).load(LW)                                                     # [W, 1, 4, 16]
-        xq, wb = gl.broadcast(xq, w0)
+        xq, _w = gl.broadcast(xq, w0)  # the x pairs to every lane g of their lane c
         d0, d1, d2, d3, e = _step(w0, xq, F16, SYM, True, L3)
         a0, a1, a2, a3 = _accumulate(a0, a1, a2, a3, d0, d1, d2, d3, e, s0, z0, OFF, ASYM, L3)
         if SILU:
