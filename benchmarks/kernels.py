@@ -4,7 +4,8 @@
 
 1. correctness check of every shape at M = 1 and M = 64 (int4_sym, B = 128) against a float64 reference;
 2. ceilings measured in the same run: device-to-device copy bandwidth (bytes read + written) and the time
-   of an empty kernel launch, eager and inside a CUDA graph;
+   of an empty kernel launch, eager and inside a CUDA graph; at M = 1 the read floor of each shape's bytes
+   (read_floor.py: the fastest a kernel that only reads them runs, timed the same way);
 3. for each shape K -> N and M: median time per call of ours (int4_sym, B = 128, bf16; gate+up shapes use
    the fused silu-mul kernel), cuBLAS bf16 F.linear and torch._weight_int4pack_mm (g128). Each is timed
    as a CUDA graph of one call per input copy, rotating through enough copies of weights and x that L2
@@ -33,6 +34,7 @@ from qrun.kernels.layout import to_layout  # noqa: E402
 from qrun.kernels.reference import parts_of  # noqa: E402
 from qrun.quant import dequantize_parts, quantize  # noqa: E402
 from qrun.runtime.bench import copy_bandwidth  # noqa: E402
+from read_floor import floor_us  # noqa: E402
 
 SHAPES = [  # (model, K, N, gate+up?)
     ("0.5B qkv", 896, 1152, False), ("0.5B o", 896, 896, False), ("0.5B gate+up", 896, 9728, True),
@@ -45,6 +47,7 @@ ENC, BLOCK = "int4_sym", 128
 SWEEP = ("0.5B qkv", "0.5B o", "0.5B gate+up", "0.5B down", "7B qkv", "7B o", "7B gate+up", "7B down", "7B lm_head")
 ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2
 CHOICE = ["auto"]  # --layout
+FLOOR = [True]  # --no-floor
 LAYOUT = ["il4"]  # weight layout of ours for the current shape (set from --layout by layout_for)
 
 
@@ -181,6 +184,8 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
         if m > 1:
             diag["split_k"] = ops.LAST["gemm_split"]
         t_eager = ms_eager(fns[0]) if m == 1 else None
+        # the fastest any kernel reads these bytes, timed the same way (read_floor.py; round 17)
+        fl = floor_us(nbytes) if m == 1 and FLOOR[0] else None
         t_nopdl = None
         if m == 1 and pdl.pdl_enabled(0):  # the same calls launched without programmatic dependent launch
             os.environ["QRUN_PDL"] = "0"
@@ -203,12 +208,16 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
                          nopdl_us=None if t_nopdl is None else t_nopdl * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
                          int4pack_us=None if t_i4 is None else t_i4 * 1e3,
                          x_int4pack=None if t_i4 is None else t_i4 / t_ours,
-                         TFLOPs=2 * m * n * k / (t_ours * 1e-3) / 1e12, diag=diag))
+                         TFLOPs=2 * m * n * k / (t_ours * 1e-3) / 1e12, diag=diag,
+                         floor_us=None if fl is None else fl["us"], floor=fl,
+                         floor_pct_copy=None if fl is None else 100 * nbytes / (fl["us"] * 1e-6) / copy_bw))
         r = rows[-1]
         print(f"  {name:14s} M={m:5d} ours {r['ours_us']:8.2f} us (no PDL {r['nopdl_us'] or 0:.2f})  "
               f"{gbs:7.0f} GB/s  {r['pct_copy']:5.1f}%  "
               f"cuBLAS {r['cublas_us']:8.2f} us (x{r['x_cublas']:.2f})  int4pack "
-              f"{'-' if t_i4 is None else f'{t_i4 * 1e3:8.2f}'} us  {diag}", flush=True)
+              f"{'-' if t_i4 is None else f'{t_i4 * 1e3:8.2f}'} us  "
+              + ("" if fl is None else f"read floor {fl['us']:.2f} us ({r['floor_pct_copy']:.1f}% of copy)  ")
+              + f"{diag}", flush=True)
         del xs
     del ws, i4
     torch.cuda.empty_cache()
@@ -302,8 +311,10 @@ def main():
                     help="first time every GEMM config at this M (> 16)")
     ap.add_argument("--layout", default="auto", choices=("auto", "il4", "tc16", "rows"),
                     help="weight layout of ours (auto: the loader's default, il4)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the read floor of each M = 1 shape")
     args = ap.parse_args()
     CHOICE[0] = args.layout
+    FLOOR[0] = not args.no_floor
     ms = [1, 1024] if args.quick else [int(v) for v in args.m.split(",")]
     shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes.split(","))]
     torch.manual_seed(0)
@@ -345,7 +356,7 @@ def main():
           f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16 layout {args.layout}, times per call inside a "
           "CUDA graph")
     print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'noPDL':>7s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
-          f"{'cuBLAS':>8s} {'x':>5s} {'int4pk':>8s} {'x':>5s} {'TFLOP/s':>7s}")
+          f"{'cuBLAS':>8s} {'x':>5s} {'int4pk':>8s} {'x':>5s} {'TFLOP/s':>7s} {'floor':>7s} {'fl%cp':>6s} {'fl/us':>6s}")
     for r in rows:
         i4 = "-" if r["int4pack_us"] is None else f"{r['int4pack_us']:8.2f}"
         xi4 = "-" if r["x_int4pack"] is None else f"{r['x_int4pack']:5.2f}"
@@ -353,7 +364,9 @@ def main():
         npdl = "" if r["nopdl_us"] is None else f"{r['nopdl_us']:7.2f}"
         print(f"{r['shape']:14s} {str(r['K']) + '->' + str(r['N']):>12s} {r['M']:5d} {r['ours_us']:8.2f} "
               f"{npdl:>7s} {eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
-              f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}")
+              f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}"
+              + ("" if r["floor_us"] is None else
+                 f" {r['floor_us']:7.2f} {r['floor_pct_copy']:6.1f} {r['floor_us'] / r['ours_us']:6.2f}"))
     if sweep:
         print("GEMV configs at M = 1 (time, then the config's values: il4 R4/G/warps, rows BLOCK_N/G/PER_SM/warps) "
               "and GEMM configs (BLOCK_N x BLOCK_M x BLOCK_K / warps, stages), fastest first:")

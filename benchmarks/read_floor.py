@@ -1,0 +1,104 @@
+"""The read floor: how fast one kernel can read a given number of bytes from HBM, timed the way
+benchmarks/kernels.py times the GEMVs (a CUDA graph of one call per copy, rotating through enough copies that
+L2 cannot serve them, median replay / copies).
+
+Issue 4 asks the M = 1 GEMV for 80% of the copy bandwidth, which is measured on a 2 GB buffer. A GEMV on a 7B
+projection reads 6-68 MB, and every kernel pays a fixed launch, DRAM latency, ramp and tail that a 2 GB copy
+spreads over 300x the bytes. This kernel does nothing but read (16-byte loads, an xor a word, one int32
+written per program), so its time for the GEMV's byte count is what any kernel reading those bytes needs: the
+GEMV's time against it separates what the GEMV's own work costs from what the byte count alone costs
+(docs/PERF.md round 17).
+
+Each config is timed twice: launched plainly, and with programmatic dependent launch (the loads issued before
+the wait, as qrun's GEMVs do), so consecutive calls in the graph overlap one's loads with the other's tail.
+The floor is the fastest config of either.
+
+    python3 benchmarks/read_floor.py --mb 2.2,4.4,6.4,8.3,34,68    (GPU only; prints one line per size)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qrun.kernels.pdl import pdl_enabled, pdl_enter  # noqa: E402
+
+ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2, as kernels.py
+# (words a thread a load round, load rounds a program, warps): one round a program is the most programs and
+# the least latency in a chain; more rounds a program is fewer launches of programs (a persistent-ish read)
+CONFIGS = [(w, r, nw) for w in (8, 16, 32) for r in (1, 2, 4, 8) for nw in (4, 8)]
+
+
+@triton.jit
+def _read_kernel(src, out, n_words, WORDS: tl.constexpr, ROUNDS: tl.constexpr, PDL: tl.constexpr,
+                 num_warps_c: tl.constexpr):
+    # src: (n_words,) int32, read once; out: (programs,) int32, the xor of what the program read (so the loads
+    # cannot be dropped). A round is one (WORDS x 32 x warps) block, WORDS / 4 16-byte loads a thread.
+    BLOCK: tl.constexpr = WORDS * 32 * num_warps_c
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (BLOCK * ROUNDS)
+    acc = tl.zeros([BLOCK], tl.int32)
+    for r in tl.static_range(ROUNDS):  # unrolled: every round's loads are issued before the first xor
+        offs = base + r * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(src + offs, mask=offs < n_words, other=0, cache_modifier=".cg")
+    pdl_enter(PDL)  # the weights-like reads above depend on nothing; the write waits for the previous kernel
+    tl.store(out + pid, tl.xor_sum(acc, 0))
+
+
+def _ms_graph(fns, replays=20):
+    from kernels import ms_graph  # the same timing loop as the GEMVs
+    return ms_graph(fns, replays)
+
+
+def floor_us(nbytes: int, configs=CONFIGS, verbose=False) -> dict:
+    """Fastest read of nbytes over configs, plain and PDL launches: {'us', 'config', 'pdl', 'us_plain',
+    'us_pdl'} (µs a call)."""
+    n_words = -(-nbytes // 64) * 16  # whole 64-byte units so the masked loads keep 16-byte vectors
+    copies = max(2, min(256, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+    srcs = [torch.randint(-2**31, 2**31 - 1, (n_words,), dtype=torch.int32, device="cuda") for _ in range(copies)]
+    pdl_ok = pdl_enabled(torch.cuda.current_device())
+    best = {"plain": (float("inf"), None), "pdl": (float("inf"), None)}
+    for words, rounds, nw in configs:
+        block = words * 32 * nw * rounds
+        grid = (triton.cdiv(n_words, block),)
+        out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+        for mode in ("plain", "pdl") if pdl_ok else ("plain",):
+            kw = {"PDL": 1, "launch_pdl": True} if mode == "pdl" else {"PDL": 0}
+            fns = [(lambda s=s: _read_kernel[grid](s, out, n_words, WORDS=words, ROUNDS=rounds, num_warps_c=nw,
+                                                   num_warps=nw, **kw)) for s in srcs]
+            t = _ms_graph(fns) * 1e3
+            if verbose:
+                print(f"    {nbytes / 1e6:8.2f} MB {words}w x{rounds} {nw}warps {mode}: {t:.2f} us", flush=True)
+            if t < best[mode][0]:
+                best[mode] = (t, (words, rounds, nw))
+    del srcs
+    mode = min(best, key=lambda m: best[m][0])
+    return dict(us=best[mode][0], config=best[mode][1], pdl=mode == "pdl", us_plain=best["plain"][0],
+                us_pdl=best["pdl"][0])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", default="2.2,4.4,6.4,8.3,34,68,272", help="sizes in MB (1e6 bytes)")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    from qrun.runtime.bench import copy_bandwidth
+    copy_bw = copy_bandwidth(torch.device("cuda"), 2 << 30)
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bw:.0f} GB/s (read+write, 2 GB, eager)")
+    for mb in (float(v) for v in args.mb.split(",")):
+        nbytes = int(mb * 1e6)
+        f = floor_us(nbytes, verbose=args.verbose)
+        gbs = nbytes / f["us"] / 1e3
+        print(f"{mb:8.2f} MB  floor {f['us']:8.2f} us  {gbs:6.0f} GB/s  {100 * gbs / copy_bw:5.1f}% of copy  "
+              f"(plain {f['us_plain']:.2f}, PDL {f['us_pdl']:.2f}; {f['config']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
