@@ -326,7 +326,7 @@ def gemv_mma_variants(few: bool = False):
                 yield (gemv_il4_mma_kernel, ptrs(base, dt, w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
                                                  part_ptr="*fp32", cnt_ptr="*i32"),
                        dict(ENC=enc, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, F16=dt == "fp16",
-                            NBS=-(-nb // c["SPLIT"]), SPLIT=c["SPLIT"], AHEAD=c["AHEAD"], PDL=int(pdl),
+                            NBS=-(-nb // c["SPLIT"]), SPLIT=c["SPLIT"], AHEAD=c["AHEAD"], PDL=int(pdl), KNOCK=0,
                             num_warps=c["num_warps"]), c["num_warps"], 1)
 
 

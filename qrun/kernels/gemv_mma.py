@@ -260,9 +260,11 @@ def gemv_il4_mma_kernel(
     N_OUT, K, NB, eps,
     ENC: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr, NORM: gl.constexpr, HAS_RES: gl.constexpr,
     F16: gl.constexpr, NBS: gl.constexpr, SPLIT: gl.constexpr, AHEAD: gl.constexpr, PDL: gl.constexpr,
-    num_warps: gl.constexpr,
+    KNOCK: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """The module docstring says what a program does. NBS: blocks a program (NB with SPLIT 1)."""
+    """The module docstring says what a program does. NBS: blocks a program (NB with SPLIT 1). KNOCK (timing only,
+    wrong results; QRUN_MMA_KNOCK, docs/PERF.md round 17): 1 the loop's loads without its arithmetic (the words
+    are only added up), 2 its arithmetic without its loads (step 0's weights every step)."""
     W: gl.constexpr = num_warps
     NST: gl.constexpr = (NBS + W - 1) // W  # steps: warp w's blocks w + W i, i < NST
     ASYM: gl.constexpr = ENC == "int4_asym"
@@ -374,16 +376,30 @@ def gemv_il4_mma_kernel(
     b3 = gl.zeros([W, 8, 4], gl.float32, L3)
     for i in range(NST):
         # the weights AHEAD blocks on
-        wn, sn, zn = _load_block(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i + AHEAD, kb0, nblk, NB, W, ASYM)
-        if SILU:
-            un, usn, uzn = _load_block(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, i + AHEAD, kb0, nblk, NB, W, ASYM)
-        xq = xq5.index(i).load(LW)                                                     # [W, 1, 4, 16]
-        xq, _w = gl.broadcast(xq, w0)  # the x pairs to every lane g of their lane c
-        d0, d1, d2, d3, e = _step(w0, xq, F16, SYM, True, L3)
-        a0, a1, a2, a3 = _accumulate(a0, a1, a2, a3, d0, d1, d2, d3, e, s0, z0, OFF, ASYM, L3)
-        if SILU:
-            f0, f1, f2, f3, _unused = _step(u0, xq, F16, SYM, False, L3)
-            b0, b1, b2, b3 = _accumulate(b0, b1, b2, b3, f0, f1, f2, f3, e, us0, uz0, OFF, ASYM, L3)
+        if KNOCK == 2:
+            wn = w0
+            sn = s0
+            zn = z0
+            un = u0
+            usn = us0
+            uzn = uz0
+        else:
+            wn, sn, zn = _load_block(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i + AHEAD, kb0, nblk, NB, W, ASYM)
+            if SILU:
+                un, usn, uzn = _load_block(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, i + AHEAD, kb0, nblk, NB, W,
+                                           ASYM)
+        if KNOCK == 1:
+            a0 += gl.sum(w0, axis=3).to(gl.float32) + gl.convert_layout(gl.sum(s0, axis=3).to(gl.float32), L3)
+            if SILU:
+                b0 += gl.sum(u0, axis=3).to(gl.float32) + gl.convert_layout(gl.sum(us0, axis=3).to(gl.float32), L3)
+        else:
+            xq = xq5.index(i).load(LW)                                                     # [W, 1, 4, 16]
+            xq, _w = gl.broadcast(xq, w0)  # the x pairs to every lane g of their lane c
+            d0, d1, d2, d3, e = _step(w0, xq, F16, SYM, True, L3)
+            a0, a1, a2, a3 = _accumulate(a0, a1, a2, a3, d0, d1, d2, d3, e, s0, z0, OFF, ASYM, L3)
+            if SILU:
+                f0, f1, f2, f3, _unused = _step(u0, xq, F16, SYM, False, L3)
+                b0, b1, b2, b3 = _accumulate(b0, b1, b2, b3, f0, f1, f2, f3, e, us0, uz0, OFF, ASYM, L3)
         if AHEAD == 2:
             w0 = w1
             s0 = s1

@@ -289,6 +289,7 @@ IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1
 # and a timing per shape in a cold process's warm-up.
 MMA_TABLE = ((4, 4, 1), (4, 4, 2), (4, 8, 1), (8, 2, 2), (8, 4, 1))
 MMA_SMEM_MAX = 96 * 1024  # its staged x: steps x warps x 256 bytes
+MMA_KNOCK = int(os.environ.get("QRUN_MMA_KNOCK", "0"))  # timing only: a stage of its loop left out (gemv_mma.py)
 
 
 def _mma_ok(dev: int, encoding: str, block_size: int, x_dtype) -> bool:
@@ -631,7 +632,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                         x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k, nb, eps, ENC=encoding,
                         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None,
                         HAS_RES=residual is not None, F16=x.dtype == torch.float16, NBS=triton_cdiv(nb, split),
-                        SPLIT=split, AHEAD=c["AHEAD"], num_warps=c["num_warps"], **kw_mma)
+                        SPLIT=split, AHEAD=c["AHEAD"], KNOCK=MMA_KNOCK, num_warps=c["num_warps"], **kw_mma)
                     return
                 progs = triton_cdiv(n_out // 4, c["R4"])
                 part, cnt = _il4_scratch(progs, c, x.device, scales)  # the counters stay zero between launches
