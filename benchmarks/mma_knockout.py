@@ -1,6 +1,6 @@
 """Where the tensor-core GEMV for M = 1 (gemv_mma.gemv_il4_mma_kernel) spends its time: each of its configs timed
 whole, without its loop's arithmetic (KNOCK 1: the loads, x staging and epilogue alone) and without its loop's
-loads (KNOCK 2: the arithmetic alone), beside the read floor of the same bytes (read_floor.py) and the tuner's
+loads (KNOCK 2: the arithmetic alone), and as 1 without loading x (KNOCK 3), beside the read floor of the same bytes (read_floor.py) and the tuner's
 own pick. Timed as kernels.py times the GEMVs (a CUDA graph over rotated copies). Results are wrong for KNOCK != 0;
 only the times mean anything.
 
@@ -21,7 +21,7 @@ import kernels as kb  # noqa: E402
 import qrun.kernels.ops as ops  # noqa: E402
 from read_floor import floor_us  # noqa: E402
 
-KNOCKS = {0: "whole", 1: "loads only", 2: "arithmetic only"}
+KNOCKS = {0: "whole", 1: "loads only", 2: "arithmetic only", 3: "loads only, no x"}
 
 
 def time_config(k, n, silu, cfg):
@@ -44,7 +44,10 @@ def time_config(k, n, silu, cfg):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="7B down,7B gate+up,7B qkv,7B o")
+    ap.add_argument("--knocks", default="0,1,2,3")
     a = ap.parse_args()
+    for kn in set(KNOCKS) - {int(v) for v in a.knocks.split(",")}:
+        del KNOCKS[kn]
     torch.manual_seed(0)
     from qrun.runtime.bench import copy_bandwidth
     copy = copy_bandwidth(torch.device("cuda"), 2 << 30)

@@ -34,6 +34,10 @@ ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2, as kernels.py
 # (words a thread a load round, load rounds a program, warps): one round a program is the most programs and
 # the least latency in a chain; more rounds a program is fewer launches of programs (a persistent-ish read)
 CONFIGS = [(w, r, nw) for w in (8, 16, 32) for r in (1, 2, 4, 8) for nw in (4, 8)]
+# (RG rows, BK words, ROUNDS, warps) walks for --tiles: 64 words = 256 bytes = one 128-k block of a 4-row group
+TILE_CONFIGS = [(rg, bk, rounds, nw) for rg in (1, 2, 4, 8, 16) for bk in (64, 256, 512, 2048) for rounds in (1, 2, 4, 8)
+                for nw in (4, 8) if 2048 <= rg * bk * rounds <= 32768 and rg * bk <= 8192
+                and rg * bk >= 32 * 4 * nw]
 
 
 @triton.jit
@@ -50,6 +54,50 @@ def _read_kernel(src, out, n_words, WORDS: tl.constexpr, ROUNDS: tl.constexpr, P
         acc ^= tl.load(src + offs, mask=offs < n_words, other=0, cache_modifier=".cg")
     pdl_enter(PDL)  # the weights-like reads above depend on nothing; the write waits for the previous kernel
     tl.store(out + pid, tl.xor_sum(acc, 0))
+
+
+@triton.jit
+def _read_tile_kernel(src, out, ROW_WORDS, RG: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr,
+                      PDL: tl.constexpr):
+    # src: (rows, ROW_WORDS) int32, e.g. il4's (N / 4 row groups, 4 rows x K / 8 words); program (pid, sp) reads
+    # rows RG pid .. RG pid + RG - 1, words sp (BK ROUNDS) .. (sp + 1) (BK ROUNDS) - 1 of each: a round is an
+    # (RG, BK) tile, RG runs of BK contiguous words ROW_WORDS apart, the way a GEMV program walks a weight
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    r = tl.arange(0, RG)[:, None]
+    c = tl.arange(0, BK)[None, :]
+    col = sp * (BK * ROUNDS) + c
+    ptrs = src + (pid * RG + r).to(tl.int64) * ROW_WORDS + col
+    acc = tl.zeros([RG, BK], tl.int32)
+    for i in tl.static_range(ROUNDS):
+        acc ^= tl.load(ptrs + i * BK, mask=col + i * BK < ROW_WORDS, other=0, cache_modifier=".cg")
+    pdl_enter(PDL)
+    tl.store(out + pid * tl.num_programs(1) + sp, tl.xor_sum(tl.xor_sum(acc, 1), 0))
+
+
+def tile_floor(rows: int, row_words: int, configs, verbose=True) -> list:
+    """Each (RG, BK, ROUNDS, warps) read of a (rows, row_words) int32 matrix (PDL launches), fastest first:
+    [(µs, config)]. What a GEMV program's walk over its rows costs with nothing else in the kernel."""
+    nbytes = rows * row_words * 4
+    copies = max(2, min(256, math.ceil(ROTATE_BYTES / nbytes)))
+    srcs = [torch.randint(-2**31, 2**31 - 1, (rows, row_words), dtype=torch.int32, device="cuda")
+            for _ in range(copies)]
+    kw = {"PDL": 1, "launch_pdl": True} if pdl_enabled(torch.cuda.current_device()) else {"PDL": 0}
+    res = []
+    for rg, bk, rounds, nw in configs:
+        if rows % rg:
+            continue
+        grid = (rows // rg, triton.cdiv(row_words, bk * rounds))
+        out = torch.empty(grid[0] * grid[1], dtype=torch.int32, device="cuda")
+        fns = [(lambda s=s: _read_tile_kernel[grid](s, out, row_words, RG=rg, BK=bk, ROUNDS=rounds, num_warps=nw,
+                                                    **kw)) for s in srcs]
+        t = _ms_graph(fns) * 1e3
+        res.append((t, (rg, bk, rounds, nw)))
+        if verbose:
+            print(f"    tile {rows}x{row_words} RG {rg} BK {bk} x{rounds} {nw} warps: {t:.2f} us "
+                  f"({nbytes / t / 1e3:.0f} GB/s)", flush=True)
+    del srcs
+    return sorted(res)
 
 
 def _ms_graph(fns, replays=20):
@@ -88,10 +136,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", default="2.2,4.4,6.4,8.3,34,68,272", help="sizes in MB (1e6 bytes)")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--tiles", default="", help="'rows x row_words;...' (int32 words): time the tile walks of "
+                    "TILE_CONFIGS over each such matrix instead (il4 7B down: 896x9472, gate+up 9472x1792)")
     args = ap.parse_args()
     from qrun.runtime.bench import copy_bandwidth
     copy_bw = copy_bandwidth(torch.device("cuda"), 2 << 30)
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw:.0f} GB/s (read+write, 2 GB, eager)")
+    if args.tiles:
+        for spec in args.tiles.split(";"):
+            rows, row_words = (int(v) for v in spec.split("x"))
+            nbytes = rows * row_words * 4
+            f = floor_us(nbytes)
+            print(f"{rows} x {row_words} words ({nbytes / 1e6:.1f} MB): read floor {f['us']:.2f} us {f['config']}",
+                  flush=True)
+            res = tile_floor(rows, row_words, TILE_CONFIGS, verbose=args.verbose)
+            for rg in (1, 2, 4, 8, 16):
+                best = [r for r in res if r[1][0] == rg][:4]
+                print(f"  RG {rg:2d}: " + "  ".join(f"{t:.2f} us BK {c[1]} x{c[2]} {c[3]}w "
+                                                   f"({100 * f['us'] / t:.0f}% of floor)" for t, c in best), flush=True)
+        return
     for mb in (float(v) for v in args.mb.split(",")):
         nbytes = int(mb * 1e6)
         f = floor_us(nbytes, verbose=args.verbose)

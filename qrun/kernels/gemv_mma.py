@@ -264,7 +264,8 @@ def gemv_il4_mma_kernel(
 ):
     """The module docstring says what a program does. NBS: blocks a program (NB with SPLIT 1). KNOCK (timing only,
     wrong results; QRUN_MMA_KNOCK, docs/PERF.md round 17): 1 the loop's loads without its arithmetic (the words
-    are only added up), 2 its arithmetic without its loads (step 0's weights every step)."""
+    are only added up), 2 its arithmetic without its loads (step 0's weights every step), 3 as 1 with no x loaded
+    (the staging's loads masked off)."""
     W: gl.constexpr = num_warps
     NST: gl.constexpr = (NBS + W - 1) // W  # steps: warp w's blocks w + W i, i < NST
     ASYM: gl.constexpr = ENC == "int4_asym"
@@ -349,7 +350,7 @@ def gemv_il4_mma_kernel(
     kend = gl.minimum((kb0 + nblk) * 128, K)
     for i in gl.static_range(NST):
         k = kb0 * 128 + i * (W * 128) + kk
-        km = k < kend
+        km = (k < kend) & (KNOCK != 3)
         xv = gl.load(x_ptr + k, mask=km, other=0.0).to(gl.float32)
         if NORM:
             ssq += xv * xv
@@ -388,7 +389,7 @@ def gemv_il4_mma_kernel(
             if SILU:
                 un, usn, uzn = _load_block(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, i + AHEAD, kb0, nblk, NB, W,
                                            ASYM)
-        if KNOCK == 1:
+        if KNOCK == 1 or KNOCK == 3:
             a0 += gl.sum(w0, axis=3).to(gl.float32) + gl.convert_layout(gl.sum(s0, axis=3).to(gl.float32), L3)
             if SILU:
                 b0 += gl.sum(u0, axis=3).to(gl.float32) + gl.convert_layout(gl.sum(us0, axis=3).to(gl.float32), L3)
