@@ -45,7 +45,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="7B down,7B gate+up,7B qkv,7B o")
     ap.add_argument("--knocks", default="0,1,2,3")
+    ap.add_argument("--table", default="", help="configs 'warps,SPLIT,AHEAD;...' in place of ops.MMA_TABLE")
     a = ap.parse_args()
+    if a.table:
+        ops.MMA_TABLE = tuple(tuple(int(v) for v in c.split(",")) for c in a.table.split(";"))
     for kn in set(KNOCKS) - {int(v) for v in a.knocks.split(",")}:
         del KNOCKS[kn]
     torch.manual_seed(0)
