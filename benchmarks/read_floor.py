@@ -136,6 +136,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", default="2.2,4.4,6.4,8.3,34,68,272", help="sizes in MB (1e6 bytes)")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--tile-configs", default="", help="'RG,BK,ROUNDS,warps;...' in place of TILE_CONFIGS")
     ap.add_argument("--tiles", default="", help="'rows x row_words;...' (int32 words): time the tile walks of "
                     "TILE_CONFIGS over each such matrix instead (il4 7B down: 896x9472, gate+up 9472x1792)")
     args = ap.parse_args()
@@ -149,8 +150,10 @@ def main():
             f = floor_us(nbytes)
             print(f"{rows} x {row_words} words ({nbytes / 1e6:.1f} MB): read floor {f['us']:.2f} us {f['config']}",
                   flush=True)
-            res = tile_floor(rows, row_words, TILE_CONFIGS, verbose=args.verbose)
-            for rg in (1, 2, 4, 8, 16):
+            cfgs = ([tuple(int(v) for v in c.split(",")) for c in args.tile_configs.split(";")]
+                    if args.tile_configs else TILE_CONFIGS)
+            res = tile_floor(rows, row_words, cfgs, verbose=args.verbose)
+            for rg in sorted({c[0] for c in cfgs}):
                 best = [r for r in res if r[1][0] == rg][:4]
                 print(f"  RG {rg:2d}: " + "  ".join(f"{t:.2f} us BK {c[1]} x{c[2]} {c[3]}w "
                                                    f"({100 * f['us'] / t:.0f}% of floor)" for t, c in best), flush=True)
