@@ -162,7 +162,11 @@ def set_config(key: tuple, cfg: dict, store: bool = False) -> None:
         _tuned[key] = cfg
 
 
-CHAIN_BYTES = 160e6  # weight bytes a chain-timed tuning graph walks through: > 3x the H100's 50 MB L2
+# weight bytes a chain-timed tuning graph walks through: > 3x the H100's 50 MB L2. Until round 17 the copies were
+# capped at 16, so the 0.5B shapes' chains (0.4-4.5 MB a copy) ran from L2 and the picks suited L2-resident weights:
+# il4 for 0.5B down at 4.30 us a call from HBM, where the tensor-core GEMV's (4, 8, 1) takes 3.77 (docs/PERF.md
+# attempt 82)
+CHAIN_BYTES = 160e6
 
 
 def _scrambled(t):
@@ -186,7 +190,7 @@ def _pick_chain(key: tuple, candidates: list[dict], launch, parts: tuple) -> dic
     nbytes = sum(t.numel() * t.element_size() for t in parts)
     try:
         copies = [parts] + [tuple(_scrambled(t) for t in parts)
-                            for _ in range(max(1, min(15, int(CHAIN_BYTES // max(nbytes, 1)))))]
+                            for _ in range(max(1, min(255, int(CHAIN_BYTES // max(nbytes, 1)))))]
     except torch.cuda.OutOfMemoryError:
         return _pick(key, candidates, lambda c: launch(c, *parts))
     import statistics
@@ -285,9 +289,11 @@ IL4_ROPE_TABLE = ((2, 4, 0, 1, 0), (2, 2, 0, 1, 0), (2, 4, 1, 1, 0), (2, 2, 1, 1
 
 # The tensor-core GEMV (gemv_mma.py): (warps, SPLIT programs a row set along K, AHEAD blocks of weights in flight).
 # Round 16 (H100, kernels.py --sweep, docs/PERF.md attempt 78): 4 warps split 4 or 8 ways won 7B qkv, o and down;
-# gate+up stays with the il4 GEMV (~10% slower here, with any of these configs). Five configs: each costs a compile
-# and a timing per shape in a cold process's warm-up.
-MMA_TABLE = ((4, 4, 1), (4, 4, 2), (4, 8, 1), (8, 2, 2), (8, 4, 1))
+# gate+up stays with the il4 GEMV (~10% slower here, with any of these configs). Round 17 (attempt 82): one
+# program a row set with both steps loaded ahead runs 0.5B gate+up (7 blocks) in 3.8 us against il4's 4.2, and took
+# the place of (8, 2, 2), which won no shape. Five configs: each costs a compile and a timing per shape in a cold
+# process's warm-up.
+MMA_TABLE = ((4, 1, 2), (4, 4, 1), (4, 4, 2), (4, 8, 1), (8, 4, 1))
 MMA_SMEM_MAX = 96 * 1024  # its staged x: steps x warps x 256 bytes
 MMA_KNOCK = int(os.environ.get("QRUN_MMA_KNOCK", "0"))  # timing only: a stage of its loop left out (gemv_mma.py)
 
@@ -305,6 +311,8 @@ def _mma_candidates(nb):
     out = []
     for w, sp, ahead in MMA_TABLE:
         nbs = triton_cdiv(nb, sp)
+        if sp == 1 and nb > 8 * w:
+            continue  # one program a row set walks K alone: only short K (0.5B's K = 896) has programs enough
         if sp > 1 and (sp - 1) * nbs >= nb:
             continue  # a program with nothing to do
         if triton_cdiv(nbs, w) * w * 256 > MMA_SMEM_MAX:
