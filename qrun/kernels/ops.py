@@ -311,8 +311,9 @@ def _mma_candidates(nb):
     out = []
     for w, sp, ahead in MMA_TABLE:
         nbs = triton_cdiv(nb, sp)
-        if sp == 1 and nb > 8 * w:
-            continue  # one program a row set walks K alone: only short K (0.5B's K = 896) has programs enough
+        if sp == 1 and nb > 2 * w:
+            continue  # one program a row set walks K alone: only for short K (0.5B's 896); 7B's lm_head (K = 3584)
+            # picked it in round 17's chain and ran 7% slower in kernels.py than round 16's il4 pick
         if sp > 1 and (sp - 1) * nbs >= nb:
             continue  # a program with nothing to do
         if triton_cdiv(nbs, w) * w * 256 > MMA_SMEM_MAX:
