@@ -163,9 +163,9 @@ def set_config(key: tuple, cfg: dict, store: bool = False) -> None:
 
 
 # weight bytes a chain-timed tuning graph walks through: > 3x the H100's 50 MB L2. Until round 17 the copies were
-# capped at 16, so the 0.5B shapes' chains (0.4-4.5 MB a copy) ran from L2 and the picks suited L2-resident weights:
-# il4 for 0.5B down at 4.30 us a call from HBM, where the tensor-core GEMV's (4, 8, 1) takes 3.77 (docs/PERF.md
-# attempt 82)
+# capped at 16, so the 0.5B shapes' chains (0.4-4.5 MB a copy) ran from L2 and the picks suited L2-resident
+# weights; with the cap at 256 the untuned 0.5B decode went from 1595-1615 to 1911 tok/s on the H100
+# (docs/PERF.md attempt 82)
 CHAIN_BYTES = 160e6
 
 
