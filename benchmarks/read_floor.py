@@ -25,9 +25,12 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from qrun.kernels.gemv_mma import _gdc  # noqa: E402
 from qrun.kernels.pdl import pdl_enabled, pdl_enter  # noqa: E402
 
 ROTATE_BYTES = 200e6  # > 4x the H100's 50 MB L2, as kernels.py
@@ -73,6 +76,70 @@ def _read_tile_kernel(src, out, ROW_WORDS, RG: tl.constexpr, BK: tl.constexpr, R
         acc ^= tl.load(ptrs + i * BK, mask=col + i * BK < ROW_WORDS, other=0, cache_modifier=".cg")
     pdl_enter(PDL)
     tl.store(out + pid * tl.num_programs(1) + sp, tl.xor_sum(tl.xor_sum(acc, 1), 0))
+
+
+@gluon.jit
+def _read_walk_kernel(src, out, ROW_WORDS, NB, DIAG: gl.constexpr, W: gl.constexpr, NBS: gl.constexpr,
+                      PDL: gl.constexpr):
+    # src: il4 words (rows = row groups of 4 rows, ROW_WORDS = 4 x K / 8 words; a 128-k block of a row group is
+    # 64 words), read the way a tensor-core GEMV's warps read it: a step is 4 loads s of [W warps, 8 lanes g, 4
+    # lanes c, 4 words] (word 16 s + 4 c + t of a block: each lane one 16-byte load, 64 contiguous bytes a block a
+    # load). DIAG 0 (gemv_mma.py): g is the program's 8 row groups, warp w takes blocks kb0 + W i + w; DIAG 1:
+    # warp w takes row group W pid + w, lane g block kb0 + 8 i + g (2 KB contiguous a warp a step). Program (pid,
+    # sp) walks blocks sp NBS .. (sp + 1) NBS - 1; every load is issued before the first xor.
+    L: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 1, 4], threads_per_warp=[1, 8, 4, 1],
+                                       warps_per_cta=[W, 1, 1, 1], order=[3, 2, 1, 0])
+    pid = gl.program_id(0)
+    sp = gl.program_id(1)
+    a = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))[:, None, None, None]
+    g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L))))[None, :, None, None]
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))[None, None, :, None]
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))[None, None, None, :]
+    kb0 = sp * NBS
+    if DIAG:
+        rg = pid * W + a
+        inner = g
+        BPS: gl.constexpr = 8
+    else:
+        rg = pid * 8 + g
+        inner = a
+        BPS: gl.constexpr = W
+    acc = gl.zeros([W, 8, 4, 4], gl.int32, L)
+    for i in gl.static_range((NBS + BPS - 1) // BPS):
+        blk = kb0 + i * BPS + inner
+        m = (blk < NB) & (blk < kb0 + NBS)
+        base = rg.to(gl.int64) * ROW_WORDS + blk * 64 + c * 4 + t
+        for s in gl.static_range(4):
+            acc ^= gl.load(src + base + s * 16, mask=m, other=0, cache_modifier=".cg")
+    _gdc(True)  # the loads above depend on nothing; the write waits for the previous kernel (pdl.py)
+    _gdc(False)
+    tot = gl.sum(gl.sum(gl.sum(gl.sum(acc, axis=3), axis=2), axis=1), axis=0)
+    gl.store(out + pid * gl.num_programs(1) + sp, tot)
+
+
+def walk_floor(rows: int, row_words: int, configs, verbose=True) -> list:
+    """Each (DIAG, W, NBS) walk (_read_walk_kernel) of a (rows, row_words) il4 matrix, PDL launches, fastest
+    first: [(µs, config)]."""
+    nbytes = rows * row_words * 4
+    nb = row_words // 64
+    copies = max(2, min(256, math.ceil(ROTATE_BYTES / nbytes)))
+    srcs = [torch.randint(-2**31, 2**31 - 1, (rows, row_words), dtype=torch.int32, device="cuda")
+            for _ in range(copies)]
+    res = []
+    for diag, w, nbs in configs:
+        grid = (triton.cdiv(rows, w if diag else 8), triton.cdiv(nb, nbs))
+        if rows % (w if diag else 8):
+            continue
+        out = torch.empty(grid[0] * grid[1], dtype=torch.int32, device="cuda")
+        fns = [(lambda s=s: _read_walk_kernel[grid](s, out, row_words, nb, DIAG=diag, W=w, NBS=nbs, PDL=1,
+                                                    num_warps=w, launch_pdl=True)) for s in srcs]
+        t = _ms_graph(fns) * 1e3
+        res.append((t, (diag, w, nbs)))
+        if verbose:
+            print(f"    walk {rows}x{row_words} {'diag' if diag else 'mma '} {w} warps {nbs} blocks a program "
+                  f"({grid[0] * grid[1]} programs): {t:.2f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
+    del srcs
+    return sorted(res)
 
 
 def tile_floor(rows: int, row_words: int, configs, verbose=True) -> list:
@@ -139,10 +206,26 @@ def main():
     ap.add_argument("--tile-configs", default="", help="'RG,BK,ROUNDS,warps;...' in place of TILE_CONFIGS")
     ap.add_argument("--tiles", default="", help="'rows x row_words;...' (int32 words): time the tile walks of "
                     "TILE_CONFIGS over each such matrix instead (il4 7B down: 896x9472, gate+up 9472x1792)")
+    ap.add_argument("--walks", default="", help="'rows x row_words;...': time the tensor-core GEMV's walks "
+                    "(--walk-configs 'DIAG,W,NBS;...') over each such il4 matrix")
+    ap.add_argument("--walk-configs", default="0,4,19;0,8,37;0,4,7;0,4,4;0,4,28;1,4,8;1,4,16;1,4,24;1,4,32;1,8,32;"
+                    "1,4,37;1,4,28;1,8,28")
     args = ap.parse_args()
     from qrun.runtime.bench import copy_bandwidth
     copy_bw = copy_bandwidth(torch.device("cuda"), 2 << 30)
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw:.0f} GB/s (read+write, 2 GB, eager)")
+    if args.walks:
+        for spec in args.walks.split(";"):
+            rows, row_words = (int(v) for v in spec.split("x"))
+            nbytes = rows * row_words * 4
+            f = floor_us(nbytes)
+            print(f"{rows} x {row_words} words ({nbytes / 1e6:.1f} MB): read floor {f['us']:.2f} us {f['config']}",
+                  flush=True)
+            cfgs = [tuple(int(v) for v in c.split(",")) for c in args.walk_configs.split(";")]
+            for t, (diag, w, nbs) in walk_floor(rows, row_words, cfgs, verbose=args.verbose):
+                print(f"  {'diag' if diag else 'mma '} {w} warps {nbs:3d} blocks a program: {t:.2f} us "
+                      f"({100 * f['us'] / t:.0f}% of floor)", flush=True)
+        return
     if args.tiles:
         for spec in args.tiles.split(";"):
             rows, row_words = (int(v) for v in spec.split("x"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -61,6 +62,7 @@ GEMM_WG = os.environ.get("QRUN_GEMM_WG", "1") == "1"
 # the GPU tests) take it.
 GEMV_MMA = os.environ.get("QRUN_GEMV_MMA", "1") in ("1", "2")
 GEMV_MMA_FIRST = os.environ.get("QRUN_GEMV_MMA") == "2"
+TUNE_LOG = os.environ.get("QRUN_TUNE_LOG", "0") == "1"  # 1: the chain tuner prints each candidate's time to stderr
 # 1 (default): with it, its warp-specialized variant (gemm_wg.gemm_il4_ws_kernel); 0 leaves that out.
 GEMM_WS = os.environ.get("QRUN_GEMM_WS", "1") == "1"
 
@@ -220,6 +222,9 @@ def _pick_chain(key: tuple, candidates: list[dict], launch, parts: tuple) -> dic
         except Exception:  # a config the compiler rejects is skipped
             torch.cuda.synchronize()
             continue
+        if TUNE_LOG:
+            print(f"qrun tune: {key[1:]} {c}: {t * 1e3 / (2 * len(copies)):.2f} us a call", file=sys.stderr,
+                  flush=True)
         if t < best_t:
             best, best_t = c, t
     del copies
