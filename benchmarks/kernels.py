@@ -10,6 +10,8 @@
    the fused silu-mul kernel), cuBLAS bf16 F.linear and torch._weight_int4pack_mm (g128). Each is timed
    as a CUDA graph of one call per input copy, rotating through enough copies of weights and x that L2
    (50 MB on an H100) cannot serve them, replayed many times; the median replay / copies is the time.
+   At M = 1 also with one x for all copies (column xL2): in the decode step x is the previous kernel's output,
+   in L2, and the launcher's chain tuner (ops._pick_chain) times its candidates that way.
 Prints one table last and writes JSON ($OUT/kernels.json by default when $OUT is set).
 """
 from __future__ import annotations
@@ -119,8 +121,9 @@ def copies_for(nbytes):
     return max(2, min(256, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
-def make_ours(k, n, silu, m, nc):
-    """nc independent (x, qweight, scales) sets and the call on each."""
+def make_ours(k, n, silu, m, nc, shared_x=False):
+    """nc independent (x, qweight, scales) sets and the call on each. shared_x: one x for all (the weights still
+    rotate), as in the decode step, where x is the previous kernel's output and so sits in L2."""
     sets = []
     qt = quantize(torch.randn(n, k, device="cuda"), ENC, BLOCK)
     qw0, sc0 = qt.parts["qweight"], qt.parts["scales"]
@@ -131,7 +134,8 @@ def make_ours(k, n, silu, m, nc):
             qw = torch.randint(0, 256, qw0.shape, dtype=torch.uint8, device="cuda")
             sc = (torch.rand(sc0.shape, device="cuda") * 0.02 + 1e-3).half()
         qw, sc, _ = to_layout(LAYOUT[0], qw, sc, None)
-        sets.append((torch.randn(m, k, device="cuda", dtype=torch.bfloat16), qw, sc))
+        x = sets[0][0] if shared_x and sets else torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        sets.append((x, qw, sc))
     op = quant_linear_silu_mul if silu else (lambda x, q, s, z, **kw: quant_linear(x, q, s, z, None, **kw))
     fns = [(lambda x=x, q=q, s=s: op(x, q, s, None, encoding=ENC, block_size=BLOCK, in_features=k,
                                      layout=LAYOUT[0])) for x, q, s in sets]
@@ -186,6 +190,11 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
         t_eager = ms_eager(fns[0]) if m == 1 else None
         # the fastest any kernel reads these bytes, timed the same way (read_floor.py; round 17)
         fl = floor_us(nbytes) if m == 1 and FLOOR[0] else None
+        t_hot = None
+        if m == 1:  # x not rotated (L2-resident, as the previous kernel's output is in the decode step)
+            hot, _ = make_ours(k, n, silu, m, copies_for(n * k // 2), shared_x=True)
+            t_hot = ms_graph(hot)
+            del hot
         t_nopdl = None
         if m == 1 and pdl.pdl_enabled(0):  # the same calls launched without programmatic dependent launch
             os.environ["QRUN_PDL"] = "0"
@@ -205,14 +214,16 @@ def bench_shape(name, k, n, silu, ms, rows, copy_bw):
         gbs = nbytes / (t_ours * 1e-3) / 1e9
         rows.append(dict(shape=name, layout=LAYOUT[0], K=k, N=n, M=m, ours_us=t_ours * 1e3, ours_eager_us=None if t_eager is None
                          else t_eager * 1e3, bytes=nbytes, GBps=gbs, pct_copy=100 * gbs * 1e9 / copy_bw,
-                         nopdl_us=None if t_nopdl is None else t_nopdl * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
+                         nopdl_us=None if t_nopdl is None else t_nopdl * 1e3,
+                         hotx_us=None if t_hot is None else t_hot * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t_ours,
                          int4pack_us=None if t_i4 is None else t_i4 * 1e3,
                          x_int4pack=None if t_i4 is None else t_i4 / t_ours,
                          TFLOPs=2 * m * n * k / (t_ours * 1e-3) / 1e12, diag=diag,
                          floor_us=None if fl is None else fl["us"], floor=fl,
                          floor_pct_copy=None if fl is None else 100 * nbytes / (fl["us"] * 1e-6) / copy_bw))
         r = rows[-1]
-        print(f"  {name:14s} M={m:5d} ours {r['ours_us']:8.2f} us (no PDL {r['nopdl_us'] or 0:.2f})  "
+        print(f"  {name:14s} M={m:5d} ours {r['ours_us']:8.2f} us (no PDL {r['nopdl_us'] or 0:.2f}, x in L2 "
+              f"{r['hotx_us'] or 0:.2f})  "
               f"{gbs:7.0f} GB/s  {r['pct_copy']:5.1f}%  "
               f"cuBLAS {r['cublas_us']:8.2f} us (x{r['x_cublas']:.2f})  int4pack "
               f"{'-' if t_i4 is None else f'{t_i4 * 1e3:8.2f}'} us  "
@@ -355,15 +366,16 @@ def main():
     print(f"\n{meta['device']}, copy {copy_bw / 1e9:.0f} GB/s, empty launch {empty_graph:.2f} us (graph) / "
           f"{empty_eager:.2f} us (eager); ours = {ENC} B={BLOCK} bf16 layout {args.layout}, times per call inside a "
           "CUDA graph")
-    print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'noPDL':>7s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
+    print(f"{'shape':14s} {'K->N':>12s} {'M':>5s} {'ours us':>8s} {'noPDL':>7s} {'xL2':>6s} {'eager':>7s} {'GB/s':>6s} {'%copy':>6s} "
           f"{'cuBLAS':>8s} {'x':>5s} {'int4pk':>8s} {'x':>5s} {'TFLOP/s':>7s} {'floor':>7s} {'fl%cp':>6s} {'fl/us':>6s}")
     for r in rows:
         i4 = "-" if r["int4pack_us"] is None else f"{r['int4pack_us']:8.2f}"
         xi4 = "-" if r["x_int4pack"] is None else f"{r['x_int4pack']:5.2f}"
         eg = "" if r["ours_eager_us"] is None else f"{r['ours_eager_us']:7.2f}"
         npdl = "" if r["nopdl_us"] is None else f"{r['nopdl_us']:7.2f}"
+        hx = "" if r.get("hotx_us") is None else f"{r['hotx_us']:6.2f}"
         print(f"{r['shape']:14s} {str(r['K']) + '->' + str(r['N']):>12s} {r['M']:5d} {r['ours_us']:8.2f} "
-              f"{npdl:>7s} {eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
+              f"{npdl:>7s} {hx:>6s} {eg:>7s} {r['GBps']:6.0f} {r['pct_copy']:6.1f} {r['cublas_us']:8.2f} {r['x_cublas']:5.2f} "
               f"{i4:>8s} {xi4:>5s} {r['TFLOPs']:7.1f}"
               + ("" if r["floor_us"] is None else
                  f" {r['floor_us']:7.2f} {r['floor_pct_copy']:6.1f} {r['floor_us'] / r['ours_us']:6.2f}"))

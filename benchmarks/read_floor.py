@@ -85,7 +85,9 @@ def _read_walk_kernel(src, out, ROW_WORDS, NB, DIAG: gl.constexpr, W: gl.constex
     # 64 words), read the way a tensor-core GEMV's warps read it: a step is 4 loads s of [W warps, 8 lanes g, 4
     # lanes c, 4 words] (word 16 s + 4 c + t of a block: each lane one 16-byte load, 64 contiguous bytes a block a
     # load). DIAG 0 (gemv_mma.py): g is the program's 8 row groups, warp w takes blocks kb0 + W i + w; DIAG 1:
-    # warp w takes row group W pid + w, lane g block kb0 + 8 i + g (2 KB contiguous a warp a step). Program (pid,
+    # warp w takes row group W pid + w, lane g block kb0 + 8 i + g (2 KB contiguous a warp a step); DIAG 2: lanes
+    # g = 2 r + h pair up on row group 4 pid + r (4 a program), lane (h, c) word 4 h + c + 8 s of the warp's two
+    # blocks kb0 + 2 (W i + w) + (0, 1): each load 128 contiguous bytes (a whole line) a row group. Program (pid,
     # sp) walks blocks sp NBS .. (sp + 1) NBS - 1; every load is issued before the first xor.
     L: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 1, 4], threads_per_warp=[1, 8, 4, 1],
                                        warps_per_cta=[W, 1, 1, 1], order=[3, 2, 1, 0])
@@ -96,10 +98,14 @@ def _read_walk_kernel(src, out, ROW_WORDS, NB, DIAG: gl.constexpr, W: gl.constex
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))[None, None, :, None]
     t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))[None, None, None, :]
     kb0 = sp * NBS
-    if DIAG:
+    if DIAG == 1:
         rg = pid * W + a
         inner = g
         BPS: gl.constexpr = 8
+    elif DIAG == 2:
+        rg = pid * 4 + g // 2
+        inner = a * 2
+        BPS: gl.constexpr = 2 * W
     else:
         rg = pid * 8 + g
         inner = a
@@ -107,14 +113,24 @@ def _read_walk_kernel(src, out, ROW_WORDS, NB, DIAG: gl.constexpr, W: gl.constex
     acc = gl.zeros([W, 8, 4, 4], gl.int32, L)
     for i in gl.static_range((NBS + BPS - 1) // BPS):
         blk = kb0 + i * BPS + inner
-        m = (blk < NB) & (blk < kb0 + NBS)
-        base = rg.to(gl.int64) * ROW_WORDS + blk * 64 + c * 4 + t
-        for s in gl.static_range(4):
-            acc ^= gl.load(src + base + s * 16, mask=m, other=0, cache_modifier=".cg")
+        if DIAG == 2:
+            base = rg.to(gl.int64) * ROW_WORDS + blk * 64 + ((g % 2) * 4 + c) * 4 + t
+            for s in gl.static_range(4):
+                bs = blk + s // 2  # words 8 s .. 8 s + 7 of the two blocks: s = 2, 3 in the second
+                acc ^= gl.load(src + base + s * 32, mask=(bs < NB) & (bs < kb0 + NBS), other=0,
+                               cache_modifier=".cg")
+        else:
+            m = (blk < NB) & (blk < kb0 + NBS)
+            base = rg.to(gl.int64) * ROW_WORDS + blk * 64 + c * 4 + t
+            for s in gl.static_range(4):
+                acc ^= gl.load(src + base + s * 16, mask=m, other=0, cache_modifier=".cg")
     _gdc(True)  # the loads above depend on nothing; the write waits for the previous kernel (pdl.py)
     _gdc(False)
     tot = gl.sum(gl.sum(gl.sum(gl.sum(acc, axis=3), axis=2), axis=1), axis=0)
     gl.store(out + pid * gl.num_programs(1) + sp, tot)
+
+
+NAMES = {0: "mma  ", 1: "diag ", 2: "pairs"}
 
 
 def walk_floor(rows: int, row_words: int, configs, verbose=True) -> list:
@@ -127,8 +143,9 @@ def walk_floor(rows: int, row_words: int, configs, verbose=True) -> list:
             for _ in range(copies)]
     res = []
     for diag, w, nbs in configs:
-        grid = (triton.cdiv(rows, w if diag else 8), triton.cdiv(nb, nbs))
-        if rows % (w if diag else 8):
+        per = {0: 8, 1: w, 2: 4}[diag]  # row groups a program
+        grid = (rows // per, triton.cdiv(nb, nbs))
+        if rows % per:
             continue
         out = torch.empty(grid[0] * grid[1], dtype=torch.int32, device="cuda")
         fns = [(lambda s=s: _read_walk_kernel[grid](s, out, row_words, nb, DIAG=diag, W=w, NBS=nbs, PDL=1,
@@ -136,7 +153,7 @@ def walk_floor(rows: int, row_words: int, configs, verbose=True) -> list:
         t = _ms_graph(fns) * 1e3
         res.append((t, (diag, w, nbs)))
         if verbose:
-            print(f"    walk {rows}x{row_words} {'diag' if diag else 'mma '} {w} warps {nbs} blocks a program "
+            print(f"    walk {rows}x{row_words} {NAMES[diag]} {w} warps {nbs} blocks a program "
                   f"({grid[0] * grid[1]} programs): {t:.2f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
     del srcs
     return sorted(res)
@@ -223,7 +240,7 @@ def main():
                   flush=True)
             cfgs = [tuple(int(v) for v in c.split(",")) for c in args.walk_configs.split(";")]
             for t, (diag, w, nbs) in walk_floor(rows, row_words, cfgs, verbose=args.verbose):
-                print(f"  {'diag' if diag else 'mma '} {w} warps {nbs:3d} blocks a program: {t:.2f} us "
+                print(f"  {NAMES[diag]} {w} warps {nbs:3d} blocks a program: {t:.2f} us "
                       f"({100 * f['us'] / t:.0f}% of floor)", flush=True)
         return
     if args.tiles:
