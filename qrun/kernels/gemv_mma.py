@@ -54,36 +54,99 @@ def step_asm(f16: bool, sym: bool, with_e: bool) -> str:
     """PTX of one block of one lane: 16 words ($16.. : chunk s word j at 4 s + j) and 16 x pairs ($32.. : chunk s
     pair i at 4 s + i) in; out $0..$3 the sums over the block of rows j = 0..3 of sum (off + u) x, $4 (with_e) the
     sum of x. pack = 16: one asm instance takes a thread's 16 words and 16 pairs; outputs $5..$15 are unused."""
-    ty = "f16" if f16 else "bf16"
-    magic = 0x64646464 if f16 else 0x43434343
-    one = 0x3C003C00 if f16 else 0x3F803F80
-    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
-    s = ("{ .reg .b32 k, m, f, one, e, o, t, a<16>; .reg .f32 p<4>, q<4>, r<4>; "
-         f"mov.b32 k, {magic:#x}; mov.b32 m, 0x0F0F0F0F; mov.b32 f, {0x08080808 if sym else 0:#x}; "
-         f"mov.b32 one, {one:#x}; "
-         "mov.f32 p0, 0f00000000; mov.f32 p1, 0f00000000; mov.f32 p2, 0f00000000; mov.f32 p3, 0f00000000; "
-         "mov.f32 q0, 0f00000000; mov.f32 q1, 0f00000000; mov.f32 q2, 0f00000000; mov.f32 q3, 0f00000000; "
-         "mov.f32 r0, 0f00000000; mov.f32 r1, 0f00000000; mov.f32 r2, 0f00000000; mov.f32 r3, 0f00000000; ")
+    mma, s = _asm_head(f16, sym)
+    s += ZERO_PQR
     for c in range(4):
-        for j in range(4):
-            w = f"${16 + 4 * c + j}"
-            # (w & m) ^ f: lop3 0x6A with a = w (0xF0), b = m (0xCC), c = f (0xAA)
-            s += (f"lop3.b32 e, {w}, m, f, 0x6A; shr.u32 t, {w}, 4; lop3.b32 o, t, m, f, 0x6A; "
-                  f"prmt.b32 a{4 * j}, e, k, 0x4140; prmt.b32 a{4 * j + 1}, o, k, 0x4140; "
-                  f"prmt.b32 a{4 * j + 2}, e, k, 0x4342; prmt.b32 a{4 * j + 3}, o, k, 0x4342; ")
-        x0, x1, x2, x3 = (f"${32 + 4 * c + i}" for i in range(4))
-        for h, (b0, b1) in enumerate(((x0, x1), (x2, x3))):
-            for acc, j0 in (("p", 0), ("q", 2)):  # rows (j0, j0 + 1)
-                a = (f"a{4 * j0 + 2 * h}", f"a{4 * j0 + 4 + 2 * h}", f"a{4 * j0 + 2 * h + 1}",
-                     f"a{4 * j0 + 4 + 2 * h + 1}")
-                s += (f"{mma} {{{acc}0, {acc}1, {acc}2, {acc}3}}, {{{', '.join(a)}}}, {{{b0}, {b1}}}, "
-                      f"{{{acc}0, {acc}1, {acc}2, {acc}3}}; ")
-            if with_e:
-                s += f"{mma} {{r0, r1, r2, r3}}, {{one, one, one, one}}, {{{b0}, {b1}}}, {{r0, r1, r2, r3}}; "
+        s += _chunk_asm(mma, c, with_e)
     s += "mov.f32 $0, p0; mov.f32 $1, p2; mov.f32 $2, q0; mov.f32 $3, q2; "
     if with_e:
         s += "mov.f32 $4, r0; "
     return s + "}"
+
+
+def _chunk_asm(mma: str, c: int, with_e: bool, first: bool = False) -> str:
+    """Chunk c of step_asm / step2_asm: its 4 words ($16 + 4 c + j) to A fragments, 2 mmas a half into p (rows 0, 1)
+    and q (rows 2, 3), and with_e the all-ones mma into r, against the x pairs $32 + 4 c + i. first: the block's
+    first chunk, whose first half adds to zeros (register zf) instead of the accumulators: no zeroing moves."""
+    s = ""
+    for j in range(4):
+        w = f"${16 + 4 * c + j}"
+        # (w & m) ^ f: lop3 0x6A with a = w (0xF0), b = m (0xCC), c = f (0xAA)
+        s += (f"lop3.b32 e, {w}, m, f, 0x6A; shr.u32 t, {w}, 4; lop3.b32 o, t, m, f, 0x6A; "
+              f"prmt.b32 a{4 * j}, e, k, 0x4140; prmt.b32 a{4 * j + 1}, o, k, 0x4140; "
+              f"prmt.b32 a{4 * j + 2}, e, k, 0x4342; prmt.b32 a{4 * j + 3}, o, k, 0x4342; ")
+    x0, x1, x2, x3 = (f"${32 + 4 * c + i}" for i in range(4))
+    for h, (b0, b1) in enumerate(((x0, x1), (x2, x3))):
+        for acc, j0 in (("p", 0), ("q", 2)):  # rows (j0, j0 + 1)
+            a = (f"a{4 * j0 + 2 * h}", f"a{4 * j0 + 4 + 2 * h}", f"a{4 * j0 + 2 * h + 1}",
+                 f"a{4 * j0 + 4 + 2 * h + 1}")
+            cin = "zf, zf, zf, zf" if first and h == 0 else f"{acc}0, {acc}1, {acc}2, {acc}3"
+            s += f"{mma} {{{acc}0, {acc}1, {acc}2, {acc}3}}, {{{', '.join(a)}}}, {{{b0}, {b1}}}, {{{cin}}}; "
+        if with_e:
+            cin = "zf, zf, zf, zf" if first and h == 0 else "r0, r1, r2, r3"
+            s += f"{mma} {{r0, r1, r2, r3}}, {{one, one, one, one}}, {{{b0}, {b1}}}, {{{cin}}}; "
+    return s
+
+
+def _asm_head(f16: bool, sym: bool) -> tuple[str, str]:
+    ty = "f16" if f16 else "bf16"
+    magic = 0x64646464 if f16 else 0x43434343
+    one = 0x3C003C00 if f16 else 0x3F803F80
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    return mma, ("{ .reg .b32 k, m, f, one, e, o, t, ln, a<16>; .reg .f32 p<4>, q<4>, r<4>; .reg .pred ph; "
+                 f"mov.b32 k, {magic:#x}; mov.b32 m, 0x0F0F0F0F; mov.b32 f, {0x08080808 if sym else 0:#x}; "
+                 f"mov.b32 one, {one:#x}; ")
+
+
+ZERO_PQR = "".join(f"mov.f32 {a}{i}, 0f00000000; " for a in "pqr" for i in range(4))
+
+
+def step2_asm(f16: bool, sym: bool, with_e: bool) -> str:
+    """PTX of one step of one lane of the row-group-pair map (gemv_il4_mma2_kernel): 16 words ($16..: the lane's
+    word s at 4 s + j, row j; words s = 0, 1 lie in the step's first block, 2, 3 in its second) and 16 x pairs
+    ($32..: word s's (k0, k2), (k1, k3), (k4, k6), (k5, k7) at 4 s + i) in. Lanes g = 2 r + h: both of a row
+    group r's lanes feed the mma the same rows, each with its own half h of the block's words, and B's column n
+    holds the x of half n % 2 (lane g gives column g), so a lane's rows are right in the column 2 c + h of the
+    two it holds: that one is kept (h = bit 2 of the lane id). Out: $0..$3 block 0's sums of rows j = 0..3 of
+    sum (off + u) x over the lane's half, $4..$7 block 1's, with_e $8, $9 the blocks' sums of x over that half.
+    pack = 16: outputs past those are unused."""
+    mma, s = _asm_head(f16, sym)
+    s += "mov.u32 ln, %laneid; and.b32 ln, ln, 4; setp.ne.u32 ph, ln, 0; .reg .f32 zf; mov.f32 zf, 0f00000000; "
+    for b in range(2):
+        for c in (2 * b, 2 * b + 1):
+            s += _chunk_asm(mma, c, with_e, first=c == 2 * b)
+        # the kept column: 2 c + h, i.e. d1 / d3 of the fragment for h = 1, d0 / d2 for h = 0
+        for j, (even, odd) in enumerate((("p0", "p1"), ("p2", "p3"), ("q0", "q1"), ("q2", "q3"))):
+            s += f"selp.f32 ${4 * b + j}, {odd}, {even}, ph; "
+        if with_e:
+            s += f"selp.f32 ${8 + b}, r1, r0, ph; "
+    return s + "}"
+
+
+def xpairs_asm(f16: bool, norm: bool) -> str:
+    """PTX of one x word's B pairs: $4..$7 its 8 k as loaded ((k0, k1) .. (k6, k7)), $8..$11 (norm) the RMSNorm
+    weight's the same way -> $0..$3 (k0, k2), (k1, k3), (k4, k6), (k5, k7) of x (times the weight: one rounding
+    of the exact product, as the staged x of gemv_il4_mma_kernel). pack = 4."""
+    ty = "f16x2" if f16 else "bf16x2"
+    s = "{ .reg .b32 y<4>; "
+    for i in range(4):
+        s += f"mul.rn.{ty} y{i}, ${4 + i}, ${8 + i}; " if norm else f"mov.b32 y{i}, ${4 + i}; "
+    return s + ("prmt.b32 $0, y0, y1, 0x5410; prmt.b32 $1, y0, y1, 0x7632; "
+                "prmt.b32 $2, y2, y3, 0x5410; prmt.b32 $3, y2, y3, 0x7632; }")
+
+
+def ssq_asm(f16: bool) -> str:
+    """PTX of a lane's sum of x^2 over its half of a step (the RMSNorm's), on the tensor cores: $16..$31 x as loaded
+    (word s's k pairs at 4 s + i) are both A (rows g and g + 8) and B; column n of B is half n % 2's x, so the
+    kept column 2 c + h is the lane's half's sum of squares, products exact in float32. Out $0."""
+    ty = "f16" if f16 else "bf16"
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    s = ("{ .reg .b32 ln; .reg .f32 u<4>; .reg .pred ph; "
+         + "".join(f"mov.f32 u{i}, 0f00000000; " for i in range(4)))
+    for w in range(4):
+        for x0, x1 in ((f"${16 + 4 * w}", f"${17 + 4 * w}"), (f"${18 + 4 * w}", f"${19 + 4 * w}")):
+            s += f"{mma} {{u0, u1, u2, u3}}, {{{x0}, {x0}, {x1}, {x1}}}, {{{x0}, {x1}}}, {{u0, u1, u2, u3}}; "
+    return s + "mov.u32 ln, %laneid; and.b32 ln, ln, 4; setp.ne.u32 ph, ln, 0; selp.f32 $0, u1, u0, ph; }"
 
 
 # one constexpr a variant (a jit function reads globals only as constexprs): bf16 / fp16, asym / sym, with E or not
@@ -461,5 +524,379 @@ def gemv_il4_mma_kernel(
                     utot += gl.load(pp + q * PW + 32 + loc, cache_modifier=".cg")
                 if NORM:
                     stot += gl.load(pp + q * PW + 64, cache_modifier=".cg")
+            _epilogue(tot, utot, stot, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM,
+                      HAS_RES)
+
+
+# The row-group-pair map (gemv_il4_mma2_kernel). Why: a load instruction of gemv_il4_mma_kernel reads 64 contiguous
+# bytes of each of 8 row groups, and a kernel that only reads il4 that way reaches 87-90% of the read floor on 7B
+# down and gate+up, against 96-99% when each load reads whole 128-byte lines of 4 row groups (read_floor.py --walks,
+# docs/PERF.md attempt 84). Here the two lanes g = 2 r, 2 r + 1 of row group r read a line together (lane (h, c)
+# word 4 h + c of each 8), and step2_asm keeps, of the mma's 8 columns, the one whose x is the lane's half. x is
+# loaded by each lane from global memory (L1 or L2) a step ahead with the weights, with no staging in shared memory
+# and no CTA barrier.
+STEP2_B_A = gl.constexpr(step2_asm(False, False, False))
+STEP2_B_AE = gl.constexpr(step2_asm(False, False, True))
+STEP2_B_S = gl.constexpr(step2_asm(False, True, False))
+STEP2_B_SE = gl.constexpr(step2_asm(False, True, True))
+STEP2_H_A = gl.constexpr(step2_asm(True, False, False))
+STEP2_H_AE = gl.constexpr(step2_asm(True, False, True))
+STEP2_H_S = gl.constexpr(step2_asm(True, True, False))
+STEP2_H_SE = gl.constexpr(step2_asm(True, True, True))
+XP_B = gl.constexpr(xpairs_asm(False, False))
+XP_BN = gl.constexpr(xpairs_asm(False, True))
+XP_H = gl.constexpr(xpairs_asm(True, False))
+XP_HN = gl.constexpr(xpairs_asm(True, True))
+SSQ_B = gl.constexpr(ssq_asm(False))
+SSQ_H = gl.constexpr(ssq_asm(True))
+SSQ_CONSTRAINTS = gl.constexpr("=f" + ",=f" * 15 + ",r" * 16)
+
+
+@gluon.jit
+def _el(t, E: gl.constexpr):
+    """Element E of t [S0, S1, S2, 2, 2, 2, 2] (index 8 a + 4 b + 2 c + d of the last four): in-thread splits."""
+    d0, d1 = gl.split(t)
+    if E % 2 == 1:
+        v = d1
+    else:
+        v = d0
+    c0, c1 = gl.split(v)
+    if (E // 2) % 2 == 1:
+        v = c1
+    else:
+        v = c0
+    b0, b1 = gl.split(v)
+    if (E // 4) % 2 == 1:
+        v = b1
+    else:
+        v = b0
+    a0, a1 = gl.split(v)
+    if E // 8 == 1:
+        v = a1
+    else:
+        v = a0
+    return v
+
+
+@gluon.jit
+def _first10(v, L3: gl.constexpr):
+    """[W, 8, 4, 16] -> its elements 0..9, each [W, 8, 4] in L3 (the same registers: asserted)."""
+    S0: gl.constexpr = v.shape[0]
+    S1: gl.constexpr = v.shape[1]
+    S2: gl.constexpr = v.shape[2]
+    t = gl.reshape(v, [S0, S1, S2, 2, 2, 2, 2])
+    return (_l3(_el(t, 0), L3), _l3(_el(t, 1), L3), _l3(_el(t, 2), L3), _l3(_el(t, 3), L3), _l3(_el(t, 4), L3),
+            _l3(_el(t, 5), L3), _l3(_el(t, 6), L3), _l3(_el(t, 7), L3), _l3(_el(t, 8), L3), _l3(_el(t, 9), L3))
+
+
+@gluon.jit
+def _split8(v):
+    """[W, 8, 4, 8] -> its 8 elements (in-thread)."""
+    S0: gl.constexpr = v.shape[0]
+    S1: gl.constexpr = v.shape[1]
+    S2: gl.constexpr = v.shape[2]
+    t = gl.reshape(v, [S0, S1, S2, 2, 2, 2])  # index 4 a + 2 b + c
+    c0, c1 = gl.split(t)
+    b00, b01 = gl.split(c0)
+    b10, b11 = gl.split(c1)
+    v0, v4 = gl.split(b00)
+    v2, v6 = gl.split(b01)
+    v1, v5 = gl.split(b10)
+    v3, v7 = gl.split(b11)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@gluon.jit
+def _step2(w, xp, F16: gl.constexpr, SYM: gl.constexpr, WITH_E: gl.constexpr, L3: gl.constexpr):
+    """w [W, 8, 4, 16] words, xp [W, 8, 4, 16] x pairs -> (block 0's D_0..D_3, block 1's, E_0, E_1) [W, 8, 4]."""
+    if F16:
+        if SYM:
+            asm: gl.constexpr = STEP2_H_SE if WITH_E else STEP2_H_S
+        else:
+            asm: gl.constexpr = STEP2_H_AE if WITH_E else STEP2_H_A
+    else:
+        if SYM:
+            asm: gl.constexpr = STEP2_B_SE if WITH_E else STEP2_B_S
+        else:
+            asm: gl.constexpr = STEP2_B_AE if WITH_E else STEP2_B_A
+    out = gl.inline_asm_elementwise(asm, STEP_CONSTRAINTS, [w, xp], dtype=gl.float32, is_pure=True, pack=16)
+    return _first10(out, L3)
+
+
+@gluon.jit
+def _xpairs(x, nw, F16: gl.constexpr, NORM: gl.constexpr):
+    """x [W, 8, 4, 16] int32 (a word's 8 k at 4 consecutive elements) -> its B pairs, times nw (NORM)."""
+    if NORM:
+        asm: gl.constexpr = XP_HN if F16 else XP_BN
+        return gl.inline_asm_elementwise(asm, "=r,=r,=r,=r" + ",r" * 8, [x, nw], dtype=gl.int32, is_pure=True,
+                                         pack=4)
+    asm2: gl.constexpr = XP_H if F16 else XP_B
+    return gl.inline_asm_elementwise(asm2, "=r,=r,=r,=r" + ",r" * 4, [x], dtype=gl.int32, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _ssq(x, F16: gl.constexpr, L3: gl.constexpr):
+    """x [W, 8, 4, 16] int32 as loaded -> [W, 8, 4] the lane's half's sum of x^2 over the step."""
+    asm: gl.constexpr = SSQ_H if F16 else SSQ_B
+    out = gl.inline_asm_elementwise(asm, SSQ_CONSTRAINTS, [x], dtype=gl.float32, is_pure=True, pack=16)
+    S0: gl.constexpr = out.shape[0]
+    S1: gl.constexpr = out.shape[1]
+    S2: gl.constexpr = out.shape[2]
+    return _l3(_el(gl.reshape(out, [S0, S1, S2, 2, 2, 2, 2]), 0), L3)
+
+
+@gluon.jit
+def _hsum(v):
+    """[W, 8, 4] float32: the sum of lanes g = 2 r and 2 r + 1 (lane ids 4 apart), in both."""
+    return v + gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;", "=f,f", [v],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _accumulate2(a0, a1, a2, a3, d0, d1, d2, d3, d4, d5, d6, d7, e0, e1, sc, z, OFF: gl.constexpr,
+                 ASYM: gl.constexpr, L3: gl.constexpr):
+    """A step's two blocks into the accumulators: a_j += s_bj (D_bj - (OFF + zero_bj) E_b), b = 0, 1; sc, z [W, 8,
+    4, 8] the row group's scales and zeros of both blocks (block b row j at 4 b + j; the scales again, sym)."""
+    s0, s1, s2, s3, s4, s5, s6, s7 = _split8(sc.to(gl.float32))
+    if ASYM:
+        z0, z1, z2, z3, z4, z5, z6, z7 = _split8(z.to(gl.float32))
+    else:
+        z0 = s0
+        z1 = s1
+        z2 = s2
+        z3 = s3
+        z4 = s4
+        z5 = s5
+        z6 = s6
+        z7 = s7
+    a0 = _apply(_apply(a0, d0, e0, _l3(s0, L3), _l3(z0, L3), OFF, ASYM), d4, e1, _l3(s4, L3), _l3(z4, L3), OFF, ASYM)
+    a1 = _apply(_apply(a1, d1, e0, _l3(s1, L3), _l3(z1, L3), OFF, ASYM), d5, e1, _l3(s5, L3), _l3(z5, L3), OFF, ASYM)
+    a2 = _apply(_apply(a2, d2, e0, _l3(s2, L3), _l3(z2, L3), OFF, ASYM), d6, e1, _l3(s6, L3), _l3(z6, L3), OFF, ASYM)
+    a3 = _apply(_apply(a3, d3, e0, _l3(s3, L3), _l3(z3, L3), OFF, ASYM), d7, e1, _l3(s7, L3), _l3(z7, L3), OFF, ASYM)
+    return a0, a1, a2, a3
+
+
+@gluon.jit
+def _pair(wv, i, p0, npair, W: gl.constexpr):
+    """Step i's pair of warp w, [W, 1, 1, 1] as its first block (clamped to the program's last pair), and whether
+    it is one of the program's."""
+    lp = i * W + wv
+    return (2 * (p0 + gl.minimum(lp, npair - 1)))[:, None, None, None], (lp < npair)[:, None, None, None]
+
+
+@gluon.jit
+def _load2_w(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i, p0, npair, W: gl.constexpr, ASYM: gl.constexpr):
+    """Step i's words [W, 8, 4, 16] (warp w: blocks 2 (p0 + i W + w) and the next), its row groups' scales [W, 8,
+    4, 8] (block b row j at 4 b + j) and zeros (ASYM; else the scales again). A warp past the program's pairs
+    reads the program's last pair again (from L1 or L2, as another warp reads it in the same step) with scales 0,
+    so it adds nothing, and no registers are zeroed for its words."""
+    b4, _ok = _pair(wv, i, p0, npair, W)
+    w = gl.load(w_ptr + woff + b4 * 64)
+    b4s, oks = _pair(wvs, i, p0, npair, W)
+    sc = gl.load(s_ptr + soff + b4s * 4, mask=oks, other=0.0)
+    if ASYM:
+        z = gl.load(z_ptr + soff + b4s * 4)
+    else:
+        z = sc
+    return w, sc, z
+
+
+@gluon.jit
+def _load2_x(x_ptr, nw_ptr, xoff, wv, i, p0, npair, W: gl.constexpr, NORM: gl.constexpr):
+    """Step i's x [W, 8, 4, 16] int32 (the lane's 4 words' k pairs, as stored; a warp past the program's pairs gets
+    the last pair's, which its zero scales cancel) and the RMSNorm weight's the same way (NORM; else x again)."""
+    b4, _ok = _pair(wv, i, p0, npair, W)
+    off = b4 * 64 + xoff
+    x = gl.load(x_ptr + off)
+    if NORM:
+        nw = gl.load(nw_ptr + off)
+    else:
+        nw = x
+    return x, nw
+
+
+@gluon.jit
+def gemv_il4_mma2_kernel(
+    # x (K,) as int32 (bf16/fp16 pairs), words (N/4, KW, 4) int32 (il4), scales and zeros (N/4, NB, 4) (zeros: dummy
+    # unless asym), bias (N_OUT,) or dummy, RMSNorm weight (K,) as int32 pairs (x's dtype) or dummy, residual
+    # (N_OUT,) or dummy, y (N_OUT,); SPLIT > 1: partials (programs, SPLIT, 33) float32 and arrival counters
+    # (programs,) int32 (zeros), else dummies
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, part_ptr, cnt_ptr,
+    N_OUT, K, NB, eps,
+    ENC: gl.constexpr, HAS_BIAS: gl.constexpr, SILU: gl.constexpr, NORM: gl.constexpr, HAS_RES: gl.constexpr,
+    F16: gl.constexpr, NPS: gl.constexpr, SPLIT: gl.constexpr, AHEAD: gl.constexpr, PDL: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """y = dequant(W) x for M = 1 on the tensor cores, the row-group-pair map (above). Program (pid, sp): row groups
+    4 pid .. 4 pid + 3 (16 rows; SILU: and the up rows' groups + N_OUT / 4), block pairs sp NPS .. (sp + 1) NPS - 1
+    of K (2 p, 2 p + 1); warp w takes the pairs w, w + W, ... of them. Lane (g, c), g = 2 r + h: row group r,
+    words 4 h + c + 8 s (s = 0..3) of the warp's pair, as 16 int32 [s, row j]. SPLIT and AHEAD as
+    gemv_il4_mma_kernel. K = 256 NP (whole pairs of blocks, no padding: ops._mma2_ok)."""
+    W: gl.constexpr = num_warps
+    NST: gl.constexpr = (NPS + W - 1) // W  # steps: warp w's pairs w + W i, i < NST
+    ASYM: gl.constexpr = ENC == "int4_asym"
+    SYM: gl.constexpr = not ASYM
+    if F16:
+        OFF: gl.constexpr = 1032.0 if SYM else 1024.0
+    else:
+        OFF: gl.constexpr = 136.0 if SYM else 128.0
+    LW: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 1, 16], threads_per_warp=[1, 8, 4, 1],
+                                        warps_per_cta=[W, 1, 1, 1], order=[3, 2, 1, 0])
+    LS: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 1, 8], threads_per_warp=[1, 8, 4, 1],
+                                        warps_per_cta=[W, 1, 1, 1], order=[3, 2, 1, 0])
+    L3: gl.constexpr = gl.SliceLayout(3, LW)
+    pid = gl.program_id(0)
+    sp = gl.program_id(1)
+    N4 = N_OUT // 4
+    KW = NB * 16
+    NP = NB // 2
+    p0 = sp * NPS
+    npair = gl.minimum(NPS, NP - p0)  # this program's pairs
+
+    wv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LW))))
+    gv = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LW))))
+    cv = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LW))))
+    tv = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LW))))
+    rg = gl.minimum(pid * 4 + gv // 2, N4 - 1)  # clamped: every load in bounds
+    # element t = 4 s + j of lane (g, c): int32 (4 h + c + 8 s) 4 + j of the pair's 128 words x 4 rows; x's int32
+    # of the same index are that word's 4 k pairs
+    inner = ((gv % 2)[None, :, None, None] * 4 + cv[None, None, :, None]) * 4 \
+        + (tv // 4)[None, None, None, :] * 32 + (tv % 4)[None, None, None, :]                # [1, 8, 4, 16]
+    woff = rg[None, :, None, None] * (KW * 4) + inner
+    gvs = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
+    cvs = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LS))))
+    ev = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LS))))
+    wvs = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LS))))
+    rgs = gl.minimum(pid * 4 + gvs // 2, N4 - 1)
+    soff = rgs[None, :, None, None] * (NB * 4) + cvs[None, None, :, None] * 0 + ev[None, None, None, :]
+    if SILU:
+        uoff = woff + N4 * (KW * 4)
+        usoff = soff + N4 * (NB * 4)
+
+    # the first AHEAD steps' weights before waiting on the previous kernel (they depend on nothing it writes)
+    w0, s0, z0 = _load2_w(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, 0, p0, npair, W, ASYM)
+    if SILU:
+        u0, us0, uz0 = _load2_w(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, 0, p0, npair, W, ASYM)
+    else:
+        u0 = w0
+        us0 = s0
+        uz0 = z0
+    if AHEAD == 2:
+        w1, s1, z1 = _load2_w(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, 1, p0, npair, W, ASYM)
+        if SILU:
+            u1, us1, uz1 = _load2_w(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, 1, p0, npair, W,
+                                    ASYM)
+        else:
+            u1 = w1
+            us1 = s1
+            uz1 = z1
+
+    if PDL == 1:
+        _gdc(True)
+        _gdc(False)
+    elif PDL == 2:
+        _gdc(False)
+        _gdc(True)
+    elif PDL == 3:
+        _gdc(False)
+
+    x0, n0 = _load2_x(x_ptr, nw_ptr, inner, wv, 0, p0, npair, W, NORM)
+    if AHEAD == 2:
+        x1, n1 = _load2_x(x_ptr, nw_ptr, inner, wv, 1, p0, npair, W, NORM)
+
+    a0 = gl.zeros([W, 8, 4], gl.float32, L3)
+    a1 = gl.zeros([W, 8, 4], gl.float32, L3)
+    a2 = gl.zeros([W, 8, 4], gl.float32, L3)
+    a3 = gl.zeros([W, 8, 4], gl.float32, L3)
+    b0 = gl.zeros([W, 8, 4], gl.float32, L3)
+    b1 = gl.zeros([W, 8, 4], gl.float32, L3)
+    b2 = gl.zeros([W, 8, 4], gl.float32, L3)
+    b3 = gl.zeros([W, 8, 4], gl.float32, L3)
+    sq = gl.zeros([W, 8, 4], gl.float32, L3)
+    w3 = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+    for i in range(NST):
+        # the weights and x AHEAD steps on
+        wn, sn, zn = _load2_w(w_ptr, s_ptr, z_ptr, woff, soff, wv, wvs, i + AHEAD, p0, npair, W,
+                              ASYM)
+        if SILU:
+            un, usn, uzn = _load2_w(w_ptr, s_ptr, z_ptr, uoff, usoff, wv, wvs, i + AHEAD, p0, npair,
+                                    W, ASYM)
+        xn, nn = _load2_x(x_ptr, nw_ptr, inner, wv, i + AHEAD, p0, npair, W, NORM)
+        xp = _xpairs(x0, n0, F16, NORM)
+        d0, d1, d2, d3, d4, d5, d6, d7, e0, e1 = _step2(w0, xp, F16, SYM, True, L3)
+        a0, a1, a2, a3 = _accumulate2(a0, a1, a2, a3, d0, d1, d2, d3, d4, d5, d6, d7, e0, e1, s0, z0, OFF, ASYM,
+                                      L3)
+        if NORM:  # a warp past the program's pairs adds its (real) x^2 to nothing
+            sq += gl.where((i * W + w3 < npair)[:, None, None], _ssq(x0, F16, L3), 0.0)
+        if SILU:
+            f0, f1, f2, f3, f4, f5, f6, f7, _e0, _e1 = _step2(u0, xp, F16, SYM, False, L3)
+            b0, b1, b2, b3 = _accumulate2(b0, b1, b2, b3, f0, f1, f2, f3, f4, f5, f6, f7, e0, e1, us0, uz0, OFF,
+                                          ASYM, L3)
+        if AHEAD == 2:
+            w0 = w1
+            s0 = s1
+            z0 = z1
+            x0 = x1
+            n0 = n1
+            w1 = wn
+            s1 = sn
+            z1 = zn
+            x1 = xn
+            n1 = nn
+            if SILU:
+                u0 = u1
+                us0 = us1
+                uz0 = uz1
+                u1 = un
+                us1 = usn
+                uz1 = uzn
+        else:
+            w0 = wn
+            s0 = sn
+            z0 = zn
+            x0 = xn
+            n0 = nn
+            if SILU:
+                u0 = un
+                us0 = usn
+                uz0 = uzn
+
+    out = _by_lane(_hsum(a0), _hsum(a1), _hsum(a2), _hsum(a3))                             # [8, 4]
+    if SILU:
+        up = _by_lane(_hsum(b0), _hsum(b1), _hsum(b2), _hsum(b3))
+    else:
+        up = out
+    if NORM:
+        ssq = gl.sum(_hsum(sq), axis=0)  # [8, 4], the same in every lane
+    else:
+        ssq = gl.zeros_like(out)
+    OL: gl.constexpr = out.type.layout
+    loc = (gl.arange(0, 8, layout=gl.SliceLayout(1, OL))[:, None] // 2) * 4 \
+        + gl.arange(0, 4, layout=gl.SliceLayout(0, OL))[None, :]                          # [8, 4]: lanes 2 r, 2 r + 1 alike
+    rows = pid * 16 + loc
+    if SPLIT == 1:
+        _epilogue(out, up, ssq, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM, HAS_RES)
+    else:
+        PW: gl.constexpr = 33  # a slot: 16 gate (or only) sums, 16 up sums, the sum of x^2
+        pp = part_ptr + pid * (SPLIT * PW)
+        mine = pp + sp * PW
+        gl.store(mine + loc, out)
+        if SILU:
+            gl.store(mine + 16 + loc, up)
+        if NORM:
+            gl.store(mine + 32 + loc * 0, ssq)
+        _cta_barrier()  # every thread's partials before the counter's release
+        arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:  # the last program of this row set: the sum of the partials, the epilogue
+            gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+            tot = gl.zeros_like(out)
+            utot = gl.zeros_like(out)
+            stot = gl.zeros_like(out)
+            for q in gl.static_range(SPLIT):  # in split order: the sum does not depend on who came last
+                tot += gl.load(pp + q * PW + loc, cache_modifier=".cg")
+                if SILU:
+                    utot += gl.load(pp + q * PW + 16 + loc, cache_modifier=".cg")
+                if NORM:
+                    stot += gl.load(pp + q * PW + 32 + loc * 0, cache_modifier=".cg")
             _epilogue(tot, utot, stot, rows, N_OUT, K, eps, bias_ptr, res_ptr, y_ptr, HAS_BIAS, SILU, NORM,
                       HAS_RES)
