@@ -330,26 +330,6 @@ def gemv_mma_variants(few: bool = False):
                             num_warps=c["num_warps"]), c["num_warps"], 1)
 
 
-def gemv_mma2_variants(few: bool = False):
-    """The row-group-pair tensor-core GEMV (gemv_il4_mma2_kernel) in every config the launcher offers at K = 3584
-    and 18944 (few: one split and one AHEAD 2 config at K = 3584), across sym / asym, bf16 / fp16, SILU, RMSNorm,
-    bias and residual."""
-    from qrun.kernels.gemv_mma import gemv_il4_mma2_kernel
-    base = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "nw_ptr", "res_ptr", "y_ptr", "part_ptr", "cnt_ptr")
-    for nb in ((28,) if few else (28, 148)):
-        cands = ops._mma2_candidates(nb, nb * 128)
-        if few:
-            cands = [next(c for c in cands if c["SPLIT"] > 1), next(c for c in cands if c["AHEAD"] > 1)]
-        for c in cands:
-            for (enc, silu, extra, norm, pdl), dt in zip(VARIANTS + (("int4_asym", True, False, True, True),),
-                                                         ("bf16", "fp16", "bf16", "bf16")):
-                yield (gemv_il4_mma2_kernel, ptrs(base, dt, x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
-                                                  nw_ptr="*i32", part_ptr="*fp32", cnt_ptr="*i32"),
-                       dict(ENC=enc, HAS_BIAS=extra, SILU=silu, NORM=norm, HAS_RES=extra, F16=dt == "fp16",
-                            NPS=-(-nb // 2 // c["SPLIT"]), SPLIT=c["SPLIT"], AHEAD=c["AHEAD"], PDL=int(pdl),
-                            num_warps=c["num_warps"]), c["num_warps"], 1)
-
-
 def attention_variants():
     # head_dim 16 (the tests' tiny configs), 64 (Qwen2-0.5B, SmolLM2), 128 (Qwen2.5-7B); float32 and bf16
     for hd, dt, g, nsplit in ((16, "fp32", 2, 2), (64, "bf16", 7, 1), (64, "bf16", 3, 16), (128, "bf16", 7, 64),
@@ -390,8 +370,7 @@ def step_variants():
 
 FAMILIES = {"tc16": tc16_variants, "il4": il4_variants, "il4_rope": il4_rope_variants, "gemv4": gemv4_variants, "gemv": gemv_variants,
             "gemm": gemm_variants, "gemm_wg": gemm_wg_variants, "gemv_mma": gemv_mma_variants,
-            "gemv_mma_few": lambda: gemv_mma_variants(few=True), "gemv_mma2": gemv_mma2_variants,
-            "gemv_mma2_few": lambda: gemv_mma2_variants(few=True),
+            "gemv_mma_few": lambda: gemv_mma_variants(few=True),
             "attention": attention_variants, "step": step_variants}
 
 

@@ -46,10 +46,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="7B down,7B gate+up,7B qkv,7B o")
     ap.add_argument("--knocks", default="0,1,2,3")
     ap.add_argument("--table", default="", help="configs 'warps,SPLIT,AHEAD;...' in place of ops.MMA_TABLE")
-    ap.add_argument("--table2", default="", help="the same in place of ops.MMA2_TABLE (the row-group-pair map)")
     a = ap.parse_args()
-    if a.table2:
-        ops.MMA2_TABLE = tuple(tuple(int(v) for v in c.split(",")) for c in a.table2.split(";"))
     if a.table:
         ops.MMA_TABLE = tuple(tuple(int(v) for v in c.split(",")) for c in a.table.split(";"))
     for kn in set(KNOCKS) - {int(v) for v in a.knocks.split(",")}:
@@ -68,11 +65,7 @@ def main() -> None:
         rows.append(("tuner's pick " + "/".join(f"{key}={v}" for key, v in picked.items()), t))
         f = floor_us(nbytes)
         rows.append((f"read floor {f['config']} {'PDL' if f['pdl'] else 'plain'}", f["us"]))
-        for cfg in ops._mma_candidates(nb_of[name]) + ops._mma2_candidates(nb_of[name], k):
-            if cfg.get("PAIRS"):  # the row-group-pair map has no knock-outs: whole only
-                t, _, _ = time_config(k, n, silu, cfg)
-                rows.append((f"pairs w{cfg['num_warps']} split {cfg['SPLIT']} ahead {cfg['AHEAD']}: whole", t))
-                continue
+        for cfg in ops._mma_candidates(nb_of[name]):
             for knock, what in KNOCKS.items():
                 ops.MMA_KNOCK = knock
                 try:

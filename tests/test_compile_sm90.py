@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not
                                 reason="needs triton's nvidia backend with ptxas, and not the interpreter")
 
 
-@pytest.mark.parametrize("family", ["attention", "tc16", "il4_rope", "gemv_mma_few", "gemv_mma2_few"])
+@pytest.mark.parametrize("family", ["attention", "tc16", "il4_rope", "gemv_mma_few"])
 def test_kernels_compile_for_sm90(family):
     import compile_check
     failed = []

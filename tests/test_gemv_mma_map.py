@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton.experimental.gluon")
-from qrun.kernels.gemv_mma import ssq_asm, step2_asm, step_asm, xpairs_asm  # noqa: E402
+from qrun.kernels.gemv_mma import step_asm  # noqa: E402
 
 LANES = 32
 
@@ -70,19 +70,6 @@ def _mma(a, b, c, f16):
     return out
 
 
-def _mul2(a, b, f16):
-    """Packed 16-bit multiply, round to nearest even: torch's own rounding of the exact float32 product (bf16 x
-    bf16 and f16 x f16 products are exact in float32)."""
-    dt = torch.float16 if f16 else torch.bfloat16
-    out = np.zeros_like(a)
-    for sh in (0, 16):
-        ha = torch.from_numpy(((a >> sh) & 0xFFFF).astype(np.int32).astype(np.int16)).view(dt).float()
-        hb = torch.from_numpy(((b >> sh) & 0xFFFF).astype(np.int32).astype(np.int16)).view(dt).float()
-        r = (ha * hb).to(dt).view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
-        out |= r << np.uint32(sh)
-    return out
-
-
 def run_ptx(asm: str, inputs: dict[int, np.ndarray], f16: bool) -> dict[int, np.ndarray]:
     """Interpret asm for a warp: registers are (32,) uint32 arrays (float32 bits for .f32)."""
     regs: dict[str, np.ndarray] = {f"${i}": v.astype(np.uint32) for i, v in inputs.items()}
@@ -103,8 +90,6 @@ def run_ptx(asm: str, inputs: dict[int, np.ndarray], f16: bool) -> dict[int, np.
         def val(x):
             if x in regs:
                 return regs[x]
-            if x == "%laneid":
-                return np.arange(LANES, dtype=np.uint32)
             if x.startswith("0f"):
                 return np.full(LANES, int(x[2:], 16), dtype=np.uint32)
             return np.full(LANES, int(x, 0) & 0xFFFFFFFF, dtype=np.uint32)
@@ -116,16 +101,6 @@ def run_ptx(asm: str, inputs: dict[int, np.ndarray], f16: bool) -> dict[int, np.
             regs[args[0]] = _lop3(val(args[1]), val(args[2]), val(args[3]), int(args[4], 0))
         elif op == "prmt.b32":
             regs[args[0]] = _prmt(val(args[1]), val(args[2]), int(args[3], 0))
-        elif op == "mov.u32":
-            regs[args[0]] = val(args[1]).copy()
-        elif op == "and.b32":
-            regs[args[0]] = val(args[1]) & val(args[2])
-        elif op == "setp.ne.u32":
-            regs[args[0]] = (val(args[1]) != val(args[2])).astype(np.uint32)
-        elif op == "selp.f32":
-            regs[args[0]] = np.where(regs[args[3]] != 0, val(args[1]), val(args[2])).astype(np.uint32)
-        elif op in ("mul.rn.bf16x2", "mul.rn.f16x2"):
-            regs[args[0]] = _mul2(val(args[1]), val(args[2]), op.endswith("f16x2") and "bf16" not in op)
         else:
             raise AssertionError(f"instruction not interpreted: {op}")
     return {int(k[1:]): v for k, v in regs.items() if k.startswith("$")}
@@ -180,86 +155,3 @@ def test_step_asm_without_e_leaves_the_sum_out():
     asm = step_asm(False, True, False)
     assert asm.count("mma.sync") == 16 and "one, one" not in asm
     assert step_asm(False, True, True).count("mma.sync") == 24
-
-
-def _lane_words(words, x, s_range=4):
-    """The row-group-pair map (gemv_il4_mma2_kernel): lane (g, c), g = 2 r + h, word s = 4 h + c + 8 s of a pair of
-    blocks (32 words) of row group r -> step2_asm's inputs (words at 16 + 4 s + j; x pairs at 32 + 4 s + i) and the
-    word index of each (lane, s)."""
-    lanes = torch.arange(LANES)
-    gg, cc = lanes // 4, lanes % 4
-    rr, hh = gg // 2, gg % 2
-    inputs, widx = {}, []
-    for s in range(s_range):
-        wi = 4 * hh + cc + 8 * s                                 # [lane]
-        widx.append(wi)
-        for j in range(4):
-            inputs[16 + 4 * s + j] = words[rr, wi, j].numpy().astype(np.uint32)
-        xs = x.reshape(32, 8)[wi]                                # [lane, 8]
-        for i, (lo, hi) in enumerate(((0, 2), (1, 3), (4, 6), (5, 7))):
-            inputs[32 + 4 * s + i] = _pack(xs[:, lo], xs[:, hi])
-    return inputs, torch.stack(widx, 1)                          # [lane, s]
-
-
-@pytest.mark.parametrize("f16", [False, True])
-@pytest.mark.parametrize("sym", [True, False])
-def test_step2_asm_sums_each_lanes_half_of_two_blocks(sym, f16):
-    g = torch.Generator().manual_seed(11 + 2 * sym + f16)
-    dt = torch.float16 if f16 else torch.bfloat16
-    # two blocks (32 words) of 4 row groups: il4 words [rg, kw, j] = row 4 rg + j, k = 8 kw .. 8 kw + 7
-    words = torch.randint(0, 2**32, (4, 32, 4), generator=g, dtype=torch.int64).to(torch.uint32)
-    x = (torch.randn(256, generator=g) * 2).to(dt)
-    nib = torch.stack([(words.to(torch.int64) >> (4 * i)) & 0xF for i in range(8)], dim=-1)  # [rg, kw, j, i]
-    q = (nib ^ 8 if sym else nib).double()
-    off = (1024.0 if f16 else 128.0)
-    xw = x.double().reshape(32, 8)                                # [kw, i]
-    inputs, widx = _lane_words(words, x)
-    out = run_ptx(step2_asm(f16, sym, True), inputs, f16)
-    lanes = torch.arange(LANES)
-    rr, hh = lanes // 8, (lanes // 4) % 2
-    for b in range(2):
-        # lane (h, c)'s half of block b: words 16 b + 4 h + c' + 8 s', c' = 0..3, s' = 0, 1
-        half = [[16 * b + 4 * int(h) + c2 + 8 * s2 for c2 in range(4) for s2 in range(2)] for h in hh]
-        for j in range(4):
-            want = torch.tensor([((q[int(r), ws, j] + off) * xw[ws]).sum().item() for r, ws in zip(rr, half)])
-            got = out[4 * b + j].view(np.float32).astype(np.float64)
-            np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-3)
-        want_e = torch.tensor([xw[ws].sum().item() for ws in half])
-        np.testing.assert_allclose(out[8 + b].view(np.float32).astype(np.float64), want_e.numpy(), rtol=1e-6,
-                                   atol=1e-4)
-    assert step2_asm(f16, sym, False).count("mma.sync") == 16
-
-
-@pytest.mark.parametrize("f16", [False, True])
-@pytest.mark.parametrize("norm", [False, True])
-def test_xpairs_asm_pairs_and_norm(norm, f16):
-    g = torch.Generator().manual_seed(3 + 2 * norm + f16)
-    dt = torch.float16 if f16 else torch.bfloat16
-    x = (torch.randn(LANES, 8, generator=g) * 3).to(dt)
-    w = (torch.randn(LANES, 8, generator=g) + 1).to(dt)
-    inputs = {4 + i: _pack(x[:, 2 * i], x[:, 2 * i + 1]) for i in range(4)}
-    inputs.update({8 + i: _pack(w[:, 2 * i], w[:, 2 * i + 1]) for i in range(4)})
-    out = run_ptx(xpairs_asm(f16, norm), inputs, f16)
-    y = (x.float() * w.float()).to(dt) if norm else x   # one rounding of the exact product
-    for i, (lo, hi) in enumerate(((0, 2), (1, 3), (4, 6), (5, 7))):
-        np.testing.assert_array_equal(out[i], _pack(y[:, lo], y[:, hi]))
-
-
-@pytest.mark.parametrize("f16", [False, True])
-def test_ssq_asm_sums_the_squares_of_each_lanes_half(f16):
-    g = torch.Generator().manual_seed(5 + f16)
-    dt = torch.float16 if f16 else torch.bfloat16
-    x = (torch.randn(256, generator=g) * 2).to(dt)
-    lanes = torch.arange(LANES)
-    gg, cc = lanes // 4, lanes % 4
-    hh = gg % 2
-    xw = x.reshape(32, 8)
-    inputs = {}
-    for s in range(4):
-        xs = xw[4 * hh + cc + 8 * s]                          # [lane, 8] as loaded: pairs (k0, k1) .. (k6, k7)
-        for i in range(4):
-            inputs[16 + 4 * s + i] = _pack(xs[:, 2 * i], xs[:, 2 * i + 1])
-    out = run_ptx(ssq_asm(f16), inputs, f16)
-    want = [sum(float(v) ** 2 for c2 in range(4) for s in range(4) for v in xw[4 * int(h) + c2 + 8 * s].double())
-            for h in hh]
-    np.testing.assert_allclose(out[0].view(np.float32).astype(np.float64), want, rtol=1e-6)

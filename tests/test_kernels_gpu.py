@@ -212,22 +212,17 @@ def test_il4_layout_every_config(enc, k, n):
         _check(y, xm.double() @ w.T)
 
 
-@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("enc", ["int4_sym", "int4_asym"])
-@pytest.mark.parametrize("k,n", [(3584, 4608), (18944, 3584), (896, 1152), (4864, 896), (3584, 37888), (200, 104),
-                                 (512, 104)])
-def test_mma_gemv_every_config(enc, k, n, dt, pairs):
-    # The tensor-core GEMVs (gemv_mma.py) on il4, every config the launcher offers, twice each: with a bias, with
-    # the fused norm + residual, and as the fused gate+up with the norm. pairs: the row-group-pair map
-    # (gemv_il4_mma2_kernel), whose K is whole pairs of blocks. (200, 104) and (512, 104): 26 row groups, so the
-    # last program's row set is cut short (its loads clamped, its stores masked); (200, 104) K short of a block.
+@pytest.mark.parametrize("k,n", [(3584, 4608), (18944, 3584), (896, 1152), (4864, 896), (3584, 37888), (200, 104)])
+def test_mma_gemv_every_config(enc, k, n, dt):
+    # The tensor-core GEMV (gemv_mma.py) on il4, every config the launcher offers, twice each: with a bias, with
+    # the fused norm + residual, and as the fused gate+up with the norm. (200, 104): K short of a block, and 26 row
+    # groups, so the last program's row set is cut short (its loads clamped, its stores masked).
     import qrun.kernels.ops as ops
     from qrun.kernels.layout import interleave4
     if not ops._mma_ok(torch.cuda.current_device(), enc, 128, dt):
         pytest.skip("the tensor-core GEMV needs sm_90 and Gluon")
-    if pairs and not ops._mma2_candidates(-(-k // 128), k):
-        pytest.skip("the row-group-pair map needs K = 256 n")
     torch.manual_seed(k * 3 + n)
     parts = _weight(n, k, enc, 128)
     il = interleave4(*parts)
@@ -242,8 +237,7 @@ def test_mma_gemv_every_config(enc, k, n, dt, pairs):
     nws = nw if dt == torch.bfloat16 else (nw.double() * 0.25).to(dt)
     xns = xn * (nws.double() / nw.double())
     orig = ops._il4_candidates
-    cands = ops._mma2_candidates(-(-k // 128), k) if pairs else ops._mma_candidates(-(-k // 128))
-    name = "gemv_il4_mma2_kernel" if pairs else "gemv_il4_mma_kernel"
+    cands = ops._mma_candidates(-(-k // 128))
     assert cands
     if dt == torch.float16:
         cands = cands[:1]
@@ -257,7 +251,7 @@ def test_mma_gemv_every_config(enc, k, n, dt, pairs):
                 ops._tuned.clear()
                 _poison((1, n), dt)
                 y = quant_linear(x, *il, bias, encoding=enc, block_size=128, in_features=k, layout="il4")
-                assert ops.LAST["gemv"].name == name
+                assert ops.LAST["gemv"].name == "gemv_il4_mma_kernel"
                 _check(y, x.double() @ w.T + bias.double(), what=f"bias {cfg}")
                 _poison((1, n), dt)
                 y = quant_linear(x, *il, None, encoding=enc, block_size=128, in_features=k, norm_weight=nw,
@@ -293,7 +287,7 @@ def test_chain_tuner_picks_a_candidate_and_leaves_results_right(enc):
     finally:
         ops.TUNE = False
     _check(y, x.double() @ w.T)
-    assert ops.LAST["gemv_cfg"] in ops._il4_candidates(-(-k // 128), mma=True, k=k)
+    assert ops.LAST["gemv_cfg"] in ops._il4_candidates(-(-k // 128), mma=True)
     assert any(key[1] == "gemv_il4" for key in ops._tuned)
     assert all(torch.equal(a, b) for a, b in zip(before, [t for t in il if t is not None]))
 

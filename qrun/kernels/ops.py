@@ -29,9 +29,9 @@ from .gemv import gemv_kernel
 from .gemv4 import gemv_int4_kernel
 from .gemv_il import gemv_il4_kernel
 try:  # Gluon; without it the il4 GEMV runs alone at M = 1
-    from .gemv_mma import gemv_il4_mma2_kernel, gemv_il4_mma_kernel
+    from .gemv_mma import gemv_il4_mma_kernel
 except ImportError:  # pragma: no cover - depends on the installed triton
-    gemv_il4_mma_kernel = gemv_il4_mma2_kernel = None
+    gemv_il4_mma_kernel = None
 from .gemv_tc import gemv_tc16_kernel
 from .layout import LAYOUTS, can_tc16
 from . import tune_cache
@@ -137,7 +137,7 @@ def gemv_candidates(key: tuple) -> list[dict]:
     kind, enc, bs, k = key[1], key[2], key[3], key[7]
     nb = triton_cdiv(k, bs)
     if kind == "gemv_il4":
-        return _il4_candidates(nb, mma=_mma_ok(key[0], enc, bs, key[4]), k=k)
+        return _il4_candidates(nb, mma=_mma_ok(key[0], enc, bs, key[4]))
     if kind == "gemv_il4_rope":
         return _il4_candidates(nb, IL4_ROPE_TABLE)
     if kind == "gemv_tc16":
@@ -303,15 +303,6 @@ MMA_SMEM_MAX = 96 * 1024  # its staged x: steps x warps x 256 bytes
 MMA_KNOCK = int(os.environ.get("QRUN_MMA_KNOCK", "0"))  # timing only: a stage of its loop left out (gemv_mma.py)
 
 
-def _int32_pairs(t: torch.Tensor) -> torch.Tensor:
-    """A 16-bit tensor of an even number of elements as int32 pairs (a copy where its offset is odd)."""
-    t = t.reshape(-1)
-    try:
-        return t.view(torch.int32)
-    except RuntimeError:
-        return t.contiguous().clone().view(torch.int32)
-
-
 def _mma_ok(dev: int, encoding: str, block_size: int, x_dtype) -> bool:
     """Whether gemv_il4_mma_kernel can run an M = 1 il4 call: int4 with blocks of 128, bf16 or fp16 x, sm_90 (the
     GPU it is tested on), Gluon present."""
@@ -336,26 +327,7 @@ def _mma_candidates(nb):
     return out
 
 
-# The row-group-pair map (gemv_il4_mma2_kernel, round 18): (warps, SPLIT, AHEAD); only where K is whole pairs of
-# blocks (K = 256 n, no padding)
-MMA2_TABLE = ((2, 1, 2), (4, 1, 1), (4, 2, 1), (4, 4, 1), (4, 6, 1), (4, 8, 1), (8, 1, 1), (8, 4, 1))
-
-
-def _mma2_candidates(nb, k):
-    if nb % 2 or k != nb * 128:
-        return []
-    out = []
-    for w, sp, ahead in MMA2_TABLE:
-        nps = triton_cdiv(nb // 2, sp)
-        if sp > 1 and (sp - 1) * nps >= nb // 2:
-            continue  # a program with nothing to do
-        if sp == 1 and nb // 2 > 8 * w:
-            continue  # one program a row set walks K alone: only for short K
-        out.append(dict(MMA=True, PAIRS=True, SPLIT=sp, AHEAD=ahead, num_warps=w))
-    return out
-
-
-def _il4_candidates(nb, table=IL4_TABLE, mma=False, k=0):
+def _il4_candidates(nb, table=IL4_TABLE, mma=False):
     """(R4 groups of 4 rows, G blocks per step, DEEP, SPLIT, PF, warps = G * 16 threads / 32): few row groups and
     short steps give many programs for short K; long K (down projections) needs more warps per program along
     K. DEEP: three steps of weights in flight per thread instead of two. SPLIT: programs per row group along K,
@@ -376,8 +348,7 @@ def _il4_candidates(nb, table=IL4_TABLE, mma=False, k=0):
         if c not in out:
             out.append(c)
     if mma:
-        mm = _mma_candidates(nb) + _mma2_candidates(nb, k)
-        out = mm + out if GEMV_MMA_FIRST else out + mm
+        out = _mma_candidates(nb) + out if GEMV_MMA_FIRST else out + _mma_candidates(nb)
     if INTERPRET:  # QRUN_IL4_SPLIT: the interpreter tests' way to run the split-K path
         out = [dict(R4=2, G=2, DEEP=True, SPLIT=int(os.environ.get("QRUN_IL4_SPLIT", 1)), PF=0, num_warps=1,
                     num_stages=1)]
@@ -664,20 +635,6 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
             kw_mma = pdl_kwargs(x2, gemv=True)
 
             def launch(c, w, s, zz, out=y):
-                if c.get("PAIRS"):  # the tensor-core GEMV's row-group-pair map: 16 rows (4 row groups) a program
-                    progs, split = triton_cdiv(n_out // 4, 4), c["SPLIT"]
-                    if split > 1:
-                        part = torch.empty(progs * split * 33, dtype=torch.float32, device=x.device)
-                        cnt = _tile_counters(x.device, progs)
-                    else:
-                        part = cnt = scales
-                    LAST["gemv"] = gemv_il4_mma2_kernel[(progs, split)](
-                        x32, w, s, zz, b, nw32, res, out, part, cnt, n_out, k, nb, eps, ENC=encoding,
-                        HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None,
-                        HAS_RES=residual is not None, F16=x.dtype == torch.float16,
-                        NPS=triton_cdiv(nb // 2, split), SPLIT=split, AHEAD=c["AHEAD"], num_warps=c["num_warps"],
-                        **kw_mma)
-                    return
                 if c.get("MMA"):  # the tensor-core GEMV: 32 rows (8 row groups) a program
                     progs, split = triton_cdiv(n_out // 4, 8), c["SPLIT"]
                     if split > 1:  # partials of each row set's K shares; the counters stay zero between launches
@@ -696,10 +653,7 @@ def _launch(x, qweight, scales, zeros, bias, encoding, block_size, in_features, 
                 LAST["gemv"] = gemv_il4_kernel[(progs, c.get("SPLIT", 1))](x2, w, s, zz, b, nw, res, out, part, cnt, n_out, k,
                                                                nb, _il4_blocks_per_split(nb, c), eps, **flags, **kw,
                                                                **c)
-            kind, cands = "gemv_il4", _il4_candidates(nb, mma=_mma_ok(dev, encoding, block_size, x.dtype), k=k)
-            if any(c.get("PAIRS") for c in cands):  # x and the RMSNorm weight as int32 pairs, as it loads them
-                x32 = _int32_pairs(x2)
-                nw32 = scales if norm_weight is None else _int32_pairs(norm_weight.to(x.dtype))
+            kind, cands = "gemv_il4", _il4_candidates(nb, mma=_mma_ok(dev, encoding, block_size, x.dtype))
         else:
             def launch(c, w, s, zz, out=y):
                 c = dict(c)
