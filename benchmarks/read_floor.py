@@ -216,6 +216,17 @@ def floor_us(nbytes: int, configs=CONFIGS, verbose=False) -> dict:
                 us_pdl=best["pdl"][0])
 
 
+def _matrices(specs: str):
+    """'rows x row_words;...' -> (rows, row_words, the read floor of its bytes) each, the floor printed."""
+    for spec in specs.split(";"):
+        rows, row_words = (int(v) for v in spec.split("x"))
+        nbytes = rows * row_words * 4
+        f = floor_us(nbytes)
+        print(f"{rows} x {row_words} words ({nbytes / 1e6:.1f} MB): read floor {f['us']:.2f} us {f['config']}",
+              flush=True)
+        yield rows, row_words, f
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", default="2.2,4.4,6.4,8.3,34,68,272", help="sizes in MB (1e6 bytes)")
@@ -225,33 +236,23 @@ def main():
                     "TILE_CONFIGS over each such matrix instead (il4 7B down: 896x9472, gate+up 9472x1792)")
     ap.add_argument("--walks", default="", help="'rows x row_words;...': time the tensor-core GEMV's walks "
                     "(--walk-configs 'DIAG,W,NBS;...') over each such il4 matrix")
-    ap.add_argument("--walk-configs", default="0,4,19;0,8,37;0,4,7;0,4,4;0,4,28;1,4,8;1,4,16;1,4,24;1,4,32;1,8,32;"
-                    "1,4,37;1,4,28;1,8,28")
+    ap.add_argument("--walk-configs", default="0,4,19;0,8,37;0,4,7;0,4,4;1,4,8;1,4,32;2,4,16;2,4,28;2,8,16;2,8,32",
+                    help="DIAG (0 gemv_mma's walk, 1 one row group a warp, 2 row-group pairs), warps, blocks a program")
     args = ap.parse_args()
     from qrun.runtime.bench import copy_bandwidth
     copy_bw = copy_bandwidth(torch.device("cuda"), 2 << 30)
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw:.0f} GB/s (read+write, 2 GB, eager)")
     if args.walks:
-        for spec in args.walks.split(";"):
-            rows, row_words = (int(v) for v in spec.split("x"))
-            nbytes = rows * row_words * 4
-            f = floor_us(nbytes)
-            print(f"{rows} x {row_words} words ({nbytes / 1e6:.1f} MB): read floor {f['us']:.2f} us {f['config']}",
-                  flush=True)
-            cfgs = [tuple(int(v) for v in c.split(",")) for c in args.walk_configs.split(";")]
+        cfgs = [tuple(int(v) for v in c.split(",")) for c in args.walk_configs.split(";")]
+        for rows, row_words, f in _matrices(args.walks):
             for t, (diag, w, nbs) in walk_floor(rows, row_words, cfgs, verbose=args.verbose):
                 print(f"  {NAMES[diag]} {w} warps {nbs:3d} blocks a program: {t:.2f} us "
                       f"({100 * f['us'] / t:.0f}% of floor)", flush=True)
         return
     if args.tiles:
-        for spec in args.tiles.split(";"):
-            rows, row_words = (int(v) for v in spec.split("x"))
-            nbytes = rows * row_words * 4
-            f = floor_us(nbytes)
-            print(f"{rows} x {row_words} words ({nbytes / 1e6:.1f} MB): read floor {f['us']:.2f} us {f['config']}",
-                  flush=True)
-            cfgs = ([tuple(int(v) for v in c.split(",")) for c in args.tile_configs.split(";")]
-                    if args.tile_configs else TILE_CONFIGS)
+        cfgs = ([tuple(int(v) for v in c.split(",")) for c in args.tile_configs.split(";")]
+                if args.tile_configs else TILE_CONFIGS)
+        for rows, row_words, f in _matrices(args.tiles):
             res = tile_floor(rows, row_words, cfgs, verbose=args.verbose)
             for rg in sorted({c[0] for c in cfgs}):
                 best = [r for r in res if r[1][0] == rg][:4]
